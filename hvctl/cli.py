@@ -1,0 +1,164 @@
+"""The `hvctl` command. Each subcommand parses, loads its recipe and calls its stage; nothing more.
+
+torch, diffusers and transformers are imported inside the commands, so `hvctl --help` and
+argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hvctl import __version__
+from hvctl.errors import HvctlError
+
+app = typer.Typer(
+    help="Curate data for, train, distill and serve HunyuanVideo-style text-to-video models.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+model_app = typer.Typer(help="Create and inspect model folders.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(recipe_app, name="recipe")
+
+JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+SET_OPTION = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+
+
+def emit(result: dict, as_json: bool, human: str) -> None:
+    """The one way a command reports its result: JSON for pipelines, a short text for people."""
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        typer.echo(human)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hvctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    pass
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="What the video shows."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (diffusers format). Default: the embedded model."),
+    height: Optional[int] = typer.Option(None, help="Height in px, a multiple of 16."),
+    width: Optional[int] = typer.Option(None, help="Width in px, a multiple of 16."),
+    frames: Optional[int] = typer.Option(None, help="Number of frames, 4k+1."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the first video; video i uses seed+i. Default: random."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="True classifier-free guidance (>1: two passes per step)."),
+    embedded_guidance: Optional[float] = typer.Option(None, "--embedded-guidance", help="Guidance scale of a guidance-distilled model."),
+    flow_shift: Optional[float] = typer.Option(None, "--flow-shift", help="Flow-matching schedule shift."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt, used when --guidance-scale > 1."),
+    num_videos: Optional[int] = typer.Option(None, "--num-videos", "-n", help="Videos to make."),
+    fps: Optional[int] = typer.Option(None, help="Frames per second of the mp4."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .mp4 (with several videos: NAME_i.mp4)."),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
+    vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="Decode in spatial tiles. Default: when a frame exceeds the tile."),
+    text_len: Optional[int] = typer.Option(None, "--text-len", help="Maximum prompt length in LLM tokens."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML generate recipe; flags override it."),
+    overrides: Optional[list[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Generate videos from a text prompt; writes an mp4 and a JSON sidecar per video."""
+    from hvctl.generate import GenerateRecipe, generate as run_generate
+    from hvctl.recipe import load_recipe
+
+    flags = dict(
+        prompt=prompt, model=model, height=height, width=width, frames=frames, steps=steps, seed=seed,
+        guidance_scale=guidance_scale, embedded_guidance=embedded_guidance, flow_shift=flow_shift,
+        negative_prompt=negative_prompt, num_videos=num_videos, fps=fps, output=output, dtype=dtype,
+        device=device, vae_tiling=vae_tiling, text_len=text_len,
+    )
+    config = load_recipe(GenerateRecipe, recipe, overrides or (), values=flags)
+    result = run_generate(config, progress=None if not as_json else False)
+    emit(result, as_json, "\n".join(f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]))
+
+
+@model_app.command("init")
+def model_init(
+    out: Path = typer.Argument(..., help="New model folder to write."),
+    preset: str = typer.Option(..., "--preset", "-p", help="tiny or hunyuan-t2v-720p."),
+    meta: bool = typer.Option(False, "--meta", help="Write the configs only, no weights."),
+    guidance_embeds: Optional[bool] = typer.Option(None, "--guidance-embeds/--no-guidance-embeds", help="Give the DiT a guidance embedding (default: the preset's)."),
+    seed: int = typer.Option(0, help="Seed of the random initialisation."),
+    dtype: str = typer.Option("float32", help="Weight dtype: float32, bfloat16 or float16."),
+    as_json: bool = JSON_OPTION,
+):
+    """Write a new randomly initialised model folder in diffusers format."""
+    from hvctl.models.info import describe
+    from hvctl.models.presets import get_preset, init_model
+
+    get_preset(preset)  # an unknown name fails before any import of torch
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise HvctlError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    path = init_model(preset, out, meta=meta, guidance_embeds=guidance_embeds, seed=seed, dtype=dtype)
+    info = describe(path)
+    emit(info, as_json, f"wrote {path} ({preset}, {info['parameters']:,} parameters{', configs only' if meta else ''})")
+
+
+@model_app.command("info")
+def model_info(path: Path = typer.Argument(..., help="Model folder."), as_json: bool = JSON_OPTION):
+    """Components, parameter counts and key configuration of a model folder."""
+    from hvctl.models.info import describe
+
+    info = describe(path)
+    if as_json:
+        emit(info, True, "")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{info['path']}" + ("" if info["weights"] else " (configs only)"))
+    for column in ("component", "class", "parameters", "key config"):
+        table.add_column(column)
+    for name, c in info["components"].items():
+        params = f"{c['parameters']:,}" if "parameters" in c else ""
+        config = ", ".join(f"{k}={v}" for k, v in c.get("config", {}).items())
+        table.add_row(name, c["class"], params, config)
+    console = Console()
+    console.print(table)
+    console.print(f"total parameters: {info['parameters']:,}")
+    console.print("generation defaults: " + ", ".join(f"{k}={v}" for k, v in info["generation_defaults"].items()))
+
+
+@recipe_app.command("show")
+def recipe_show(
+    file: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: Optional[list[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Print a recipe fully resolved: extends merged, overrides applied, defaults filled in."""
+    import yaml
+
+    from hvctl.recipe import load_recipe, load_recipe_file, recipe_to_dict, schema_for_kind
+
+    raw, _ = load_recipe_file(file)
+    if "kind" not in raw:
+        raise HvctlError(f"{file}: no 'kind' key, so its recipe type is unknown")
+    schema = schema_for_kind(raw["kind"])
+    resolved = {"kind": raw["kind"], **recipe_to_dict(load_recipe(schema, file, overrides or ()))}
+    emit(resolved, as_json, yaml.safe_dump(resolved, sort_keys=False).rstrip())
+
+
+def main() -> None:
+    try:
+        app()
+    except HvctlError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,54 @@
+"""Flow-matching maths, in one place: the noise path, the sigma schedule, the Euler step.
+
+Conventions (HunyuanVideo, diffusers' FlowMatchEulerDiscreteScheduler):
+- sigma runs from 1 (pure noise) to 0 (data); x_sigma = (1 - sigma) * x0 + sigma * noise.
+- The model predicts the velocity v = noise - x0, and takes the timestep t = 1000 * sigma.
+- The flow shift s bends the schedule towards high noise: sigma' = s*sigma / (1 + (s-1)*sigma).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigmas(sigmas, shift: float):
+    """Apply the flow shift to sigmas in [0, 1] (array or tensor)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def default_flow_shift(steps: int) -> float:
+    """The official choice: shift 7 for long schedules (50 steps), 17 for short ones (< 20 steps)."""
+    return 17.0 if steps < 20 else 7.0
+
+
+def sampling_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """The `steps + 1` sigmas of an Euler sampling run, from 1 down to a final 0.
+
+    Computed as diffusers' HunyuanVideo pipeline does (float32 after a float64 linspace), so
+    that both feed the model the same timesteps.
+    """
+    sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
+    sigmas = shift_sigmas(sigmas, np.float32(shift))
+    return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
+
+
+def timestep_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma * NUM_TRAIN_TIMESTEPS
+
+
+def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """One Euler step of dx/dsigma = v, in float32 whatever the model's dtype."""
+    return (latents.float() + (sigma_next - sigma) * velocity.float()).to(latents.dtype)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The point at noise level sigma on the straight path from x0 to noise (sigma per sample)."""
+    sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0

@@ -1,0 +1,200 @@
+"""`hvctl generate`: text-to-video inference, one mp4 and one JSON sidecar per video.
+
+Settings come from, in rising priority: the model folder's defaults (hvctl.json, else the
+official ones), the recipe file, `--set` overrides, and command-line flags. Video i of a run is
+drawn from `torch.Generator().manual_seed(seed + i)` over the latent shape, as the official code
+seeds its videos and as diffusers draws its noise, so any single video can be reproduced alone
+from its sidecar.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from hvctl import __version__
+from hvctl.errors import HvctlError
+
+
+@dataclass
+class GenerateRecipe:
+    """An inference recipe. None means: the model's default."""
+
+    KIND: ClassVar[str] = "generate"
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    model: Path | None = None  # None: the embedded default model
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    steps: int | None = None
+    seed: int | None = None  # None: a random seed, recorded in the sidecar
+    guidance_scale: float | None = None  # true classifier-free guidance (2 passes per step when > 1)
+    embedded_guidance: float | None = None  # guidance-distilled models only
+    flow_shift: float | None = None
+    text_len: int | None = None
+    num_videos: int = 1
+    fps: int | None = None
+    output: Path | None = None  # None: hvctl-outputs/{time}_seed{seed}_{prompt}.mp4
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    vae_tiling: bool | None = None  # None: tile frames larger than vae_tile_size
+    vae_tile_size: int = 256
+
+
+def resolve(recipe: GenerateRecipe, defaults: dict, guidance_embeds: bool) -> GenerateRecipe:
+    """Fill the unset settings from the model's defaults and check them all."""
+    filled = {k: (v if v is not None else defaults.get(k)) for k, v in asdict(recipe).items()}
+    r = replace(recipe, **filled)
+    if not r.prompt:
+        raise HvctlError("no prompt given (pass PROMPT or set 'prompt' in the recipe)")
+    if r.frames < 1 or (r.frames - 1) % 4:
+        raise HvctlError(f"--frames must be 4k+1 (1, 5, 9, 13, 17, ...), got {r.frames}")
+    for name in ("height", "width"):
+        value = getattr(r, name)
+        if value <= 0 or value % 16:
+            raise HvctlError(f"--{name} must be a positive multiple of 16, got {value}")
+    for name in ("steps", "num_videos", "fps", "text_len", "vae_tile_size"):
+        if getattr(r, name) < 1:
+            raise HvctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(r, name)}")
+    if r.guidance_scale < 1:
+        raise HvctlError(f"--guidance-scale must be >= 1 (1 turns classifier-free guidance off), got {r.guidance_scale}")
+    if guidance_embeds and r.embedded_guidance is None:
+        r.embedded_guidance = 6.0
+    if not guidance_embeds and recipe.embedded_guidance is not None:
+        raise HvctlError("--embedded-guidance given, but this model has no guidance embedding (use --guidance-scale)")
+    if r.seed is None:
+        r.seed = random.randrange(2**31)
+    r.negative_prompt = r.negative_prompt or ""
+    return r
+
+
+def output_paths(r: GenerateRecipe) -> list[Path]:
+    if r.output is not None:
+        out = Path(r.output)
+        if out.suffix.lower() != ".mp4":
+            raise HvctlError(f"--output {out}: must end in .mp4")
+        if r.num_videos == 1:
+            return [out]
+        return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(r.num_videos)]
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", r.prompt).strip("_")[:100] or "video"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return [Path("hvctl-outputs") / f"{stamp}_seed{r.seed + i}_{slug}.mp4" for i in range(r.num_videos)]
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise HvctlError(f"--device {device}: not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HvctlError(f"--device {device}: CUDA is not available on this machine")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+class TextToVideo:
+    """A loaded model ready to sample: the part of `generate` that tests and evaluators reuse."""
+
+    def __init__(self, model_dir: Path, r: GenerateRecipe, device, dtype):
+        from hvctl.models.loading import load_components
+        from hvctl.models.text import PromptEncoder
+        from hvctl.models.vae import configure_tiling, latent_shape
+        from hvctl.sampling import Conditions, FlowMatchEulerSampler
+
+        self.r = r
+        self.parts = load_components(model_dir, dtype=dtype, device=device)
+        self.device = device
+        encode = PromptEncoder(self.parts.tokenizer, self.parts.text_encoder, self.parts.tokenizer_2,
+                               self.parts.text_encoder_2, text_len=r.text_len)
+        use_cfg = r.guidance_scale > 1
+        self.conditions = Conditions(encode([r.prompt]), encode([r.negative_prompt]) if use_cfg else None)
+        self.sampler = FlowMatchEulerSampler(r.steps, r.flow_shift, r.guidance_scale, r.embedded_guidance)
+        configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size)
+        channels = self.parts.transformer.config.in_channels
+        self.latent_shape = (1, *latent_shape(self.parts.vae.config, channels, r.frames, r.height, r.width))
+
+    def latents(self, seed: int, on_step=None):
+        import torch
+
+        noise = torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+        return self.sampler(self.parts.transformer, noise.to(self.device), self.conditions, on_step=on_step)
+
+    def frames(self, latents):
+        """(1, ...) latents -> (T, H, W, 3) uint8 numpy frames."""
+        from hvctl.models.vae import decode_to_frames
+
+        return decode_to_frames(self.parts.vae, latents)[0].numpy()
+
+
+def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
+    """Resolve a recipe against its model folder (the embedded default when none is named)."""
+    from hvctl.models.default import default_model_dir
+    from hvctl.models.loading import ModelFolder
+
+    model_dir = Path(recipe.model) if recipe.model else default_model_dir()
+    folder = ModelFolder.open(model_dir)
+    guidance_embeds = bool(folder.component_config("transformer").get("guidance_embeds"))
+    r = resolve(recipe, folder.generation_defaults, guidance_embeds)
+    device, dtype = resolve_device_dtype(r.device, r.dtype)
+    r.model, r.device, r.dtype = model_dir, str(device), str(dtype).removeprefix("torch.")
+    return r, model_dir
+
+
+def generate(recipe: GenerateRecipe, *, progress: bool | None = None) -> dict:
+    """Run a generate recipe; returns the JSON-able result (videos, sidecars, settings, timings)."""
+    from hvctl.io import write_json_atomic
+    from hvctl.models.loading import folder_fingerprint
+    from hvctl.progress import progress_bar
+    from hvctl.video import write_video
+
+    started = time.perf_counter()
+    r, model_dir = prepare(recipe)
+    paths = output_paths(r)
+    t2v = TextToVideo(model_dir, r, *resolve_device_dtype(r.device, r.dtype))
+    model = {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}
+    loaded = time.perf_counter()
+
+    videos = []
+    for i, path in enumerate(paths):
+        seed, t0 = r.seed + i, time.perf_counter()
+        with progress_bar(r.steps, f"video {i + 1}/{len(paths)}", enabled=progress) as advance:
+            frames = t2v.frames(t2v.latents(seed, on_step=lambda _: advance()))
+        write_video(path, frames, fps=r.fps)
+        sidecar = path.with_suffix(".json")
+        write_json_atomic(sidecar, {
+            "hvctl_version": __version__,
+            "prompt": r.prompt,
+            "negative_prompt": r.negative_prompt,
+            "seed": seed,
+            "index": i,
+            "settings": _settings_dict(r),
+            "model": model,
+            "video": {"path": path.name, "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
+                      "width": int(frames.shape[2]), "fps": r.fps},
+            "seconds": round(time.perf_counter() - t0, 3),
+        })
+        videos.append({"path": str(path), "sidecar": str(sidecar), "seed": seed})
+    return {
+        "videos": videos,
+        "settings": _settings_dict(r),
+        "model": model,
+        "seconds": {"load": round(loaded - started, 3), "total": round(time.perf_counter() - started, 3)},
+    }
+
+
+def _settings_dict(r: GenerateRecipe) -> dict:
+    from hvctl.recipe import recipe_to_dict
+
+    settings = recipe_to_dict(r)
+    settings.pop("output", None)
+    return settings

@@ -1,0 +1,78 @@
+"""`hvctl model info`: what a model folder holds, read from configs and safetensors headers only."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import struct
+from math import prod
+from pathlib import Path
+
+from hvctl.models.loading import WEIGHTED, ModelFolder
+
+KEY_CONFIG = {
+    "transformer": ["in_channels", "num_attention_heads", "attention_head_dim", "num_layers", "num_single_layers",
+                    "num_refiner_layers", "patch_size", "patch_size_t", "guidance_embeds", "text_embed_dim",
+                    "pooled_projection_dim", "rope_axes_dim", "image_condition_type"],
+    "vae": ["latent_channels", "block_out_channels", "spatial_compression_ratio", "temporal_compression_ratio",
+            "scaling_factor"],
+    "text_encoder": ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"],
+    "text_encoder_2": ["hidden_size", "num_hidden_layers", "projection_dim", "vocab_size"],
+    "scheduler": ["shift", "num_train_timesteps"],
+}
+
+
+def safetensors_parameter_count(folder: Path) -> tuple[int, dict[str, int]]:
+    """Parameters and their count per dtype, from the headers of every .safetensors file in a folder."""
+    total, by_dtype = 0, {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            n = prod(entry["shape"])
+            total += n
+            by_dtype[entry["dtype"]] = by_dtype.get(entry["dtype"], 0) + n
+    return total, by_dtype
+
+
+def meta_parameter_count(folder: ModelFolder, name: str) -> int:
+    """Parameters of a component built on the meta device from its config alone (no weights needed)."""
+    import torch
+
+    library, class_name = folder.component_class(name)
+    cls = getattr(importlib.import_module(library), class_name)
+    config = folder.component_config(name)
+    with torch.device("meta"):
+        if library == "diffusers":
+            model = cls.from_config(config)
+        else:
+            model = cls(cls.config_class.from_dict(config))
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(path) -> dict:
+    folder = ModelFolder.open(path)
+    components = {}
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer", "tokenizer_2"):
+        library, class_name = folder.component_class(name)
+        entry = {"class": f"{library}.{class_name}"}
+        if name in WEIGHTED:
+            if folder.has_weights:
+                entry["parameters"], entry["dtypes"] = safetensors_parameter_count(folder.path / name)
+            else:
+                entry["parameters"], entry["dtypes"] = meta_parameter_count(folder, name), {}
+        if name in KEY_CONFIG:
+            config = folder.component_config(name)
+            entry["config"] = {k: config[k] for k in KEY_CONFIG[name] if k in config}
+        components[name] = entry
+    return {
+        "path": str(folder.path),
+        "weights": folder.has_weights,
+        "parameters": sum(c.get("parameters", 0) for c in components.values()),
+        "components": components,
+        "generation_defaults": folder.generation_defaults,
+        "preset": folder.hvctl_info.get("preset"),
+    }

@@ -1,0 +1,180 @@
+"""Load a diffusers-format HunyuanVideo model folder into diffusers and transformers classes.
+
+The folder's model_index.json names each component's library and class, as diffusers reads it.
+Only the classes listed in COMPONENT_CLASSES are accepted (never an arbitrary import string),
+and weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvctl.errors import HvctlError
+from hvctl.io import write_json_atomic
+from hvctl.models.presets import OFFICIAL_GENERATION_DEFAULTS
+
+COMPONENT_CLASSES = {
+    "transformer": {("diffusers", "HunyuanVideoTransformer3DModel")},
+    "vae": {("diffusers", "AutoencoderKLHunyuanVideo")},
+    "scheduler": {("diffusers", "FlowMatchEulerDiscreteScheduler")},
+    "text_encoder": {("transformers", "LlamaModel")},
+    "text_encoder_2": {("transformers", "CLIPTextModel")},
+    "tokenizer": {("transformers", c) for c in ("PreTrainedTokenizerFast", "LlamaTokenizerFast", "LlamaTokenizer", "AutoTokenizer")},
+    "tokenizer_2": {("transformers", c) for c in ("CLIPTokenizer", "CLIPTokenizerFast")},
+}
+WEIGHTED = ("transformer", "vae", "text_encoder", "text_encoder_2")
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers' and transformers' info logs and their own progress bars (hvctl shows its own)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass
+class ModelFolder:
+    """A model folder's layout, read without loading any weights."""
+
+    path: Path
+    index: dict
+    hvctl_info: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelFolder":
+        path = Path(path)
+        if not path.is_dir():
+            raise HvctlError(f"{path}: model folder not found")
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise HvctlError(f"{path}: not a diffusers model folder (no model_index.json)")
+        index = _read_json(index_file)
+        info_file = path / "hvctl.json"
+        return cls(path, index, _read_json(info_file) if info_file.is_file() else {})
+
+    def component_class(self, name: str) -> tuple[str, str]:
+        entry = self.index.get(name)
+        if not entry or entry[0] is None:
+            raise HvctlError(f"{self.path}/model_index.json: no '{name}' component")
+        library, class_name = entry
+        if (library, class_name) not in COMPONENT_CLASSES[name]:
+            allowed = ", ".join(sorted(f"{lib}.{cls}" for lib, cls in COMPONENT_CLASSES[name]))
+            raise HvctlError(f"{self.path}/model_index.json: '{name}' is {library}.{class_name}; supported: {allowed}")
+        return library, class_name
+
+    def component_config(self, name: str) -> dict:
+        config = "scheduler_config.json" if name == "scheduler" else "config.json"
+        file = self.path / name / config
+        if not file.is_file():
+            raise HvctlError(f"{file}: missing")
+        return _read_json(file)
+
+    @property
+    def has_weights(self) -> bool:
+        return self.hvctl_info.get("weights", True)
+
+    @property
+    def generation_defaults(self) -> dict:
+        """Generation settings that suit this model: hvctl.json's, else the official ones."""
+        defaults = dict(OFFICIAL_GENERATION_DEFAULTS)
+        if "guidance_embeds" in self.component_config("transformer") and not self.component_config("transformer")["guidance_embeds"]:
+            defaults["embedded_guidance"] = None
+        defaults.update(self.hvctl_info.get("generation", {}))
+        defaults["flow_shift"] = defaults.get("flow_shift") or self.component_config("scheduler").get("shift", 7.0)
+        return defaults
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HvctlError(f"{path}: unreadable JSON ({e})") from None
+
+
+@dataclass
+class Components:
+    """The loaded parts of a HunyuanVideo model; any part not asked for is None."""
+
+    folder: ModelFolder
+    transformer: object = None
+    vae: object = None
+    text_encoder: object = None
+    tokenizer: object = None
+    text_encoder_2: object = None
+    tokenizer_2: object = None
+    scheduler_config: dict | None = None
+
+
+def load_component(folder: ModelFolder, name: str, *, dtype=None, device=None):
+    library, class_name = folder.component_class(name)
+    cls = getattr(importlib.import_module(library), class_name)
+    path = folder.path / name
+    if not path.is_dir():
+        raise HvctlError(f"{path}: component folder missing")
+    if name in WEIGHTED and not folder.has_weights:
+        raise HvctlError(f"{folder.path}: has configs but no weights (written with --meta)")
+    kwargs = {}
+    if name in WEIGHTED:
+        kwargs = {"use_safetensors": True}
+        kwargs["dtype"] = dtype
+    try:
+        component = cls.from_pretrained(path, **kwargs)
+    except Exception as e:  # the libraries raise many types for a broken folder
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HvctlError(f"{path}: cannot load {class_name}: {reason}") from None
+    if device is not None and hasattr(component, "to"):
+        component = component.to(device)
+    if hasattr(component, "eval"):
+        component.eval().requires_grad_(False)
+    return component
+
+
+def load_components(path: str | Path, *, dtype=None, device=None, parts=("transformer", "vae", "text")) -> Components:
+    """Load the asked parts of a model folder: "transformer", "vae", "text" (both encoders and tokenizers)."""
+    quiet_libraries()
+    folder = ModelFolder.open(path)
+    names = [n for part in parts for n in (("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if part == "text" else (part,))]
+    loaded = {name: load_component(folder, name, dtype=dtype, device=device) for name in names}
+    return Components(folder=folder, scheduler_config=folder.component_config("scheduler"), **loaded)
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """sha256 over every file of a model folder (relative name and content).
+
+    Hashing 26 GB of weights takes a minute, so the result is cached per (path, size, mtime).
+    """
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    stamp = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    cache_file = cache_dir() / "fingerprints.json"
+    key = hashlib.sha256(json.dumps([str(path), stamp]).encode()).hexdigest()
+    cache = _read_json(cache_file) if cache_file.is_file() else {}
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(str(p.relative_to(path)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    cache[key] = "sha256:" + digest.hexdigest()
+    try:
+        write_json_atomic(cache_file, cache)
+    except OSError:
+        pass  # a read-only cache only costs a rehash next time
+    return cache[key]
+
+
+def cache_dir() -> Path:
+    """Where hvctl keeps its own files: $HVCTL_HOME, else ~/.cache/hvctl."""
+    root = os.environ.get("HVCTL_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hvctl"
+    return Path(root)

@@ -1,0 +1,195 @@
+"""Model presets and `hvctl model init`: new diffusers-format HunyuanVideo model folders.
+
+A model folder is exactly what diffusers' `HunyuanVideoPipeline.from_pretrained` reads
+(model_index.json plus one sub-folder per component, weights as safetensors), with one extra
+file, `hvctl.json`, holding the generation defaults that suit the model (size, frames, fps,
+steps, guidance). diffusers ignores it; hvctl falls back to the official defaults without it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvctl import __version__
+from hvctl.errors import HvctlError
+
+MODEL_INDEX = {
+    "_class_name": "HunyuanVideoPipeline",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "LlamaModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"],
+    "vae": ["diffusers", "AutoencoderKLHunyuanVideo"],
+}
+
+# The official sample_video.py defaults, used for folders without hvctl.json.
+OFFICIAL_GENERATION_DEFAULTS = {
+    "height": 720, "width": 1280, "frames": 129, "fps": 24, "steps": 50, "flow_shift": 7.0,
+    "guidance_scale": 1.0, "embedded_guidance": 6.0, "text_len": 256, "negative_prompt": "",
+}
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    transformer: dict
+    vae: dict
+    text_encoder: dict  # LlamaConfig arguments
+    text_encoder_2: dict  # CLIPTextConfig arguments
+    scheduler: dict = field(default_factory=lambda: {"shift": 7.0})
+    generation: dict = field(default_factory=lambda: dict(OFFICIAL_GENERATION_DEFAULTS))
+
+
+PRESETS = {
+    p.name: p
+    for p in [
+        Preset(
+            name="tiny",
+            description="a few million parameters, locally built tokenizers; the toy world's size",
+            transformer=dict(
+                in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32,
+                num_layers=2, num_single_layers=2, num_refiner_layers=1, mlp_ratio=4.0,
+                patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=False,
+                text_embed_dim=64, pooled_projection_dim=32, rope_theta=256.0, rope_axes_dim=(8, 12, 12),
+            ),
+            vae=dict(
+                latent_channels=16, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
+                norm_num_groups=8, scaling_factor=0.476986, mid_block_add_attention=True,
+            ),
+            text_encoder=dict(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+            ),
+            text_encoder_2=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
+            ),
+            generation=dict(
+                OFFICIAL_GENERATION_DEFAULTS, height=64, width=64, frames=17, fps=8, steps=30,
+                guidance_scale=1.0, embedded_guidance=None, text_len=128,
+            ),
+        ),
+        Preset(
+            name="hunyuan-t2v-720p",
+            description="the official HunyuanVideo 13B text-to-video configuration (cfg-distilled)",
+            transformer=dict(
+                in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+                num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0,
+                patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
+                text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+            ),
+            vae=dict(
+                latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                norm_num_groups=32, scaling_factor=0.476986, mid_block_add_attention=True,
+            ),
+            # llava-llama-3-8b's language model and CLIP ViT-L/14's text tower.
+            text_encoder=dict(
+                vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                rms_norm_eps=1e-5, rope_theta=500000.0,
+            ),
+            text_encoder_2=dict(
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                hidden_act="quick_gelu",
+            ),
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise HvctlError(f"unknown preset '{name}' (choices: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+def build_components(preset: Preset, *, meta: bool = False, guidance_embeds: bool | None = None, seed: int = 0):
+    """Instantiate every component of a preset: randomly initialised, or on the meta device."""
+    import torch
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    from hvctl.models.tokenizers import build_clip_tokenizer, build_llama_tokenizer
+
+    tokenizer, tokenizer_2 = build_llama_tokenizer(), build_clip_tokenizer()
+    transformer_config = dict(preset.transformer)
+    if guidance_embeds is not None:
+        transformer_config["guidance_embeds"] = guidance_embeds
+    llama_config = LlamaConfig(
+        **{"vocab_size": len(tokenizer), **preset.text_encoder},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    clip_config = CLIPTextConfig(
+        **{"vocab_size": len(tokenizer_2), **preset.text_encoder_2},
+        bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id, pad_token_id=tokenizer_2.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    with torch.device("meta" if meta else "cpu"):
+        components = {
+            "transformer": HunyuanVideoTransformer3DModel(**transformer_config),
+            "vae": AutoencoderKLHunyuanVideo(**preset.vae),
+            "text_encoder": LlamaModel(llama_config),
+            "text_encoder_2": CLIPTextModel(clip_config),
+        }
+    components["scheduler"] = FlowMatchEulerDiscreteScheduler(**preset.scheduler)
+    components["tokenizer"], components["tokenizer_2"] = tokenizer, tokenizer_2
+    return components
+
+
+def write_model_folder(out: Path, components: dict, generation: dict, *, meta: bool, dtype=None, extra: dict | None = None):
+    """Write components as a diffusers model folder: into a temporary folder, then renamed."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise HvctlError(f"{out}: exists and is not empty; choose a new folder")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name, component in components.items():
+            path = tmp / name
+            if name.startswith("tokenizer") or name == "scheduler":
+                component.save_pretrained(path)
+            elif meta:
+                path.mkdir()
+                config = component.config.to_dict() if hasattr(component.config, "to_dict") else dict(component.config)
+                config["_class_name"] = type(component).__name__
+                (path / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
+            else:
+                if dtype is not None:
+                    component.to(dtype)
+                component.save_pretrained(path, safe_serialization=True)
+        (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+        info = {"hvctl_version": __version__, "generation": generation, "weights": not meta, **(extra or {})}
+        (tmp / "hvctl.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def init_model(preset_name: str, out: Path, *, meta: bool = False, guidance_embeds: bool | None = None,
+               seed: int = 0, dtype: str = "float32") -> Path:
+    """`hvctl model init`: a new randomly initialised model folder (or configs only, with meta)."""
+    import torch
+
+    preset = get_preset(preset_name)
+    components = build_components(preset, meta=meta, guidance_embeds=guidance_embeds, seed=seed)
+    generation = dict(preset.generation)
+    if components["transformer"].config.guidance_embeds and generation["embedded_guidance"] is None:
+        generation["embedded_guidance"] = 6.0
+    if not components["transformer"].config.guidance_embeds:
+        generation["embedded_guidance"] = None
+    return write_model_folder(
+        out, components, generation, meta=meta, dtype=getattr(torch, dtype),
+        extra={"preset": preset.name, "seed": seed},
+    )

@@ -1,0 +1,68 @@
+"""The flow-matching Euler sampler: a plain callable, (model, noise, conditions) -> latents.
+
+It knows nothing of prompts, files or devices; any denoiser with the diffusers HunyuanVideo
+transformer's call signature fits (a wrapped, cached or sequence-parallel one too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from hvctl.flow import euler_step, sampling_sigmas, timestep_from_sigma
+from hvctl.models.text import TextConditions
+
+
+@dataclass
+class Conditions:
+    text: TextConditions
+    negative_text: TextConditions | None = None  # needed for true classifier-free guidance
+
+
+def predict_velocity(model, latents: torch.Tensor, sigma: torch.Tensor, text: TextConditions,
+                     embedded_guidance: float | None) -> torch.Tensor:
+    """One model call, with the dtypes diffusers' HunyuanVideoPipeline uses."""
+    batch, dtype = latents.shape[0], model.dtype
+    timestep = timestep_from_sigma(sigma).expand(batch).to(latents.device, torch.float32)
+    guidance = None
+    if model.config.guidance_embeds:
+        if embedded_guidance is None:
+            raise ValueError("this model is guidance-distilled: an embedded guidance scale is required")
+        # The official embedder takes the scale x1000.
+        guidance = torch.full((batch,), embedded_guidance, dtype=dtype, device=latents.device) * 1000.0
+    text = text.to(latents.device, dtype)
+    return model(
+        hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=text.llm_states,
+        encoder_attention_mask=text.llm_mask, pooled_projections=text.pooled, guidance=guidance, return_dict=False,
+    )[0]
+
+
+@dataclass
+class FlowMatchEulerSampler:
+    steps: int
+    shift: float
+    guidance_scale: float = 1.0  # true classifier-free guidance; > 1 runs the negative prompt too
+    embedded_guidance: float | None = None  # for guidance-distilled models
+
+    @torch.no_grad()
+    def __call__(self, model, noise: torch.Tensor, conditions: Conditions,
+                 on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        use_cfg = self.guidance_scale > 1.0
+        if use_cfg and conditions.negative_text is None:
+            raise ValueError("guidance_scale > 1 needs negative text conditions")
+        text = TextConditions.cat([conditions.text, conditions.negative_text]) if use_cfg else conditions.text
+        sigmas = sampling_sigmas(self.steps, self.shift).to(noise.device)
+        latents = noise.float()
+        for i in range(self.steps):
+            # Conditional and unconditional passes share one batch.
+            velocity = predict_velocity(model, torch.cat([latents] * 2) if use_cfg else latents, sigmas[i], text,
+                                        self.embedded_guidance)
+            if use_cfg:
+                cond, uncond = velocity.chunk(2)
+                velocity = uncond + self.guidance_scale * (cond - uncond)
+            latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
+            if on_step is not None:
+                on_step(i + 1)
+        return latents
