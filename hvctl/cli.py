@@ -122,16 +122,18 @@ def model_info(path: Path = typer.Argument(..., help="Model folder."), as_json: 
     from rich.table import Table
 
     table = Table(title=f"{info['path']}" + ("" if info["weights"] else " (configs only)"))
-    for column in ("component", "class", "parameters", "key config"):
+    for column in ("component", "class", "parameters"):
         table.add_column(column)
     for name, c in info["components"].items():
-        params = f"{c['parameters']:,}" if "parameters" in c else ""
-        config = ", ".join(f"{k}={v}" for k, v in c.get("config", {}).items())
-        table.add_row(name, c["class"], params, config)
+        table.add_row(name, c["class"].split(".")[-1], f"{c['parameters']:,}" if "parameters" in c else "")
     console = Console()
     console.print(table)
     console.print(f"total parameters: {info['parameters']:,}")
-    console.print("generation defaults: " + ", ".join(f"{k}={v}" for k, v in info["generation_defaults"].items()))
+    for name, c in info["components"].items():
+        if c.get("config"):
+            console.print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in c["config"].items()), soft_wrap=True)
+    console.print("generation defaults: " + ", ".join(f"{k}={v}" for k, v in info["generation_defaults"].items()),
+                  soft_wrap=True)
 
 
 @recipe_app.command("show")

@@ -1,0 +1,93 @@
+"""`hvctl model init`, `hvctl model info`, `hvctl recipe show`, and loading errors."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from hvctl.errors import HvctlError
+from hvctl.models.loading import ModelFolder, folder_fingerprint, load_components
+
+
+def test_tiny_init_is_deterministic_and_loads_in_diffusers(tmp_path):
+    from diffusers import HunyuanVideoPipeline
+
+    a = run_cli("model", "init", "--preset", "tiny", tmp_path / "a", "--json")
+    b = run_cli("model", "init", "--preset", "tiny", tmp_path / "b", "--json")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    info = json.loads(a.stdout)
+    assert 1_000_000 < info["parameters"] < 20_000_000
+    assert set(info["components"]) == {"transformer", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer", "tokenizer_2"}
+    # Same seed, same bytes: tokenizers built locally and weights alike.
+    assert folder_fingerprint(tmp_path / "a") == folder_fingerprint(tmp_path / "b")
+    pipe = HunyuanVideoPipeline.from_pretrained(tmp_path / "a")
+    assert pipe.transformer.config.num_layers == info["components"]["transformer"]["config"]["num_layers"]
+    assert not list((tmp_path / "a").rglob("*.bin")), "weights must be safetensors only"
+
+
+def test_official_preset_meta_has_the_13b_configuration(tmp_path):
+    result = run_cli("model", "init", "--preset", "hunyuan-t2v-720p", "--meta", tmp_path / "hy", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    transformer = info["components"]["transformer"]
+    assert 12.7e9 < transformer["parameters"] < 12.9e9  # HunyuanVideo's DiT: 12.8B
+    assert transformer["config"]["num_layers"] == 20 and transformer["config"]["num_single_layers"] == 40
+    assert transformer["config"]["guidance_embeds"] is True
+    assert info["weights"] is False and not list((tmp_path / "hy").rglob("*.safetensors"))
+    assert info["generation_defaults"]["frames"] == 129 and info["generation_defaults"]["embedded_guidance"] == 6.0
+    with pytest.raises(HvctlError, match="no weights"):
+        load_components(tmp_path / "hy", parts=("transformer",))
+
+
+def test_model_info_reports_counts_from_headers(tiny_model):
+    result = run_cli("model", "info", tiny_model, "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    parts = load_components(tiny_model, parts=("transformer",))
+    assert info["components"]["transformer"]["parameters"] == sum(p.numel() for p in parts.transformer.parameters())
+    assert info["generation_defaults"]["height"] == 64
+    human = run_cli("model", "info", tiny_model)
+    assert "HunyuanVideoTransformer3DModel" in human.stdout and "total parameters" in human.stdout
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["model", "info", "/no/such/model"], "/no/such/model"),
+    (["model", "init", "--preset", "huge", "/tmp/never-written"], "huge"),
+])
+def test_model_command_errors_are_one_line(args, culprit):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], result.stderr
+
+
+def test_init_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run_cli("model", "init", "--preset", "tiny", tmp_path)
+    assert result.returncode != 0 and "not empty" in result.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_broken_weights_are_reported_with_the_path(tiny_model, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(HvctlError, match=r"broken/vae"):
+        load_components(broken, parts=("vae",))
+    (broken / "model_index.json").write_text(json.dumps({**json.loads((tiny_model / "model_index.json").read_text()),
+                                                          "vae": ["diffusers", "SomethingElse"]}))
+    with pytest.raises(HvctlError, match="supported"):
+        ModelFolder.open(broken).component_class("vae")
+
+
+def test_recipe_show_resolves_extends_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("kind: generate\nsteps: 50\nheight: 720\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nheight: 544\n")
+    result = run_cli("recipe", "show", tmp_path / "child.yaml", "--set", "steps=20", "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert (shown["kind"], shown["steps"], shown["height"], shown["width"]) == ("generate", 20, 544, None)
+    bad = run_cli("recipe", "show", tmp_path / "child.yaml", "--set", "hieght=3")
+    assert bad.returncode != 0 and "hieght" in bad.stderr and "height" in bad.stderr
