@@ -22,8 +22,10 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Create and inspect model folders.", no_args_is_help=True)
 recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+toy_app = typer.Typer(help="The toy world: a synthetic dataset whose truth is known.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(recipe_app, name="recipe")
+app.add_typer(toy_app, name="toy")
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 SET_OPTION = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
@@ -85,6 +87,57 @@ def generate(
     config = load_recipe(GenerateRecipe, recipe, overrides or (), values=flags)
     result = run_generate(config, progress=None if not as_json else False)
     emit(result, as_json, "\n".join(f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]))
+
+
+@app.command()
+def encode(
+    manifest: Optional[Path] = typer.Argument(None, help="Dataset manifest (JSONL)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache folder (created or completed)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder whose VAE and text encoders encode. Default: the embedded model."),
+    shard: Optional[str] = typer.Option(None, help="i/n: encode only the i-th of n parts (for n processes or machines)."),
+    on_error: Optional[str] = typer.Option(None, "--on-error", help="skip (report bad samples, go on) or fail (stop at the first)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML encode recipe (buckets, tiling, ...)."),
+    overrides: Optional[list[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Encode a manifest's media (VAE posterior) and captions (text states) into a cache."""
+    from hvctl.encode import EncodeRecipe, encode as run_encode
+    from hvctl.recipe import load_recipe
+
+    flags = dict(manifest=manifest, out=out, model=model, shard=shard, on_error=on_error, device=device)
+    config = load_recipe(EncodeRecipe, recipe, overrides or (), values=flags)
+    result = run_encode(config, progress=None if not as_json else False, on_problem=lambda m: typer.echo(m, err=True))
+    emit(result, as_json, f"{result['cache']}: encoded {result['encoded']}, already cached {result['skipped_cached']}, "
+                          f"failed {len(result['failed'])}; {result['entries']} entries in the cache")
+    if result["failed"] and config.on_error == "fail":
+        raise typer.Exit(1)
+
+
+@toy_app.command("render")
+def toy_render(
+    out: Path = typer.Argument(..., help="Folder to write media/ and manifest.jsonl into."),
+    videos: int = typer.Option(0, help="Number of videos."),
+    images: int = typer.Option(0, help="Number of images."),
+    seed: int = typer.Option(0, help="Dataset seed: the same seed gives the same files."),
+    split: str = typer.Option("train", help="train (no held-out compositions) or eval (a third held out)."),
+    size: Optional[list[str]] = typer.Option(None, help="HxW sizes to cycle through (default: the toy aspect buckets)."),
+    as_json: bool = JSON_OPTION,
+):
+    """Render the toy world: videos (mp4), images (png) and a manifest."""
+    from hvctl.progress import progress_bar
+    from hvctl.toy.render import render_dataset
+
+    sizes = None
+    if size:
+        try:
+            sizes = [tuple(int(v) for v in s.lower().split("x")) for s in size]
+        except ValueError:
+            raise HvctlError(f"--size {size}: expected HxW, e.g. 64x96") from None
+    with progress_bar(videos + images, "rendering", enabled=None if not as_json else False) as advance:
+        manifest = render_dataset(out, videos, images, seed, split, sizes=sizes, on_progress=lambda done, total: advance())
+    emit({"manifest": str(manifest), "videos": videos, "images": images, "seed": seed, "split": split}, as_json,
+         f"wrote {manifest} ({videos} videos, {images} images, split {split})")
 
 
 @model_app.command("init")

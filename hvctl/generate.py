@@ -136,15 +136,22 @@ class TextToVideo:
         return decode_to_frames(self.parts.vae, latents)[0].numpy()
 
 
-def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
-    """Resolve a recipe against its model folder (the embedded default when none is named)."""
+def prepare_model(model: Path | None) -> tuple[Path, dict]:
+    """The model folder to use (the embedded default when none is named) and its generation defaults."""
     from hvctl.models.default import default_model_dir
     from hvctl.models.loading import ModelFolder
 
-    model_dir = Path(recipe.model) if recipe.model else default_model_dir()
+    model_dir = Path(model) if model else default_model_dir()
     folder = ModelFolder.open(model_dir)
-    guidance_embeds = bool(folder.component_config("transformer").get("guidance_embeds"))
-    r = resolve(recipe, folder.generation_defaults, guidance_embeds)
+    defaults = folder.generation_defaults
+    defaults["guidance_embeds"] = bool(folder.component_config("transformer").get("guidance_embeds"))
+    return model_dir, defaults
+
+
+def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
+    """Resolve a recipe against its model folder."""
+    model_dir, defaults = prepare_model(recipe.model)
+    r = resolve(recipe, defaults, defaults["guidance_embeds"])
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     r.model, r.device, r.dtype = model_dir, str(device), str(dtype).removeprefix("torch.")
     return r, model_dir

@@ -56,6 +56,7 @@ T = TypeVar("T")
 # so that looking one up imports only that subcommand's module.
 RECIPE_KINDS: dict[str, str] = {
     "generate": "hvctl.generate:GenerateRecipe",
+    "encode": "hvctl.encode:EncodeRecipe",
 }
 
 _NO_FILE = "no recipe file"

@@ -1,0 +1,248 @@
+"""The encode cache format, in one place: what `hvctl encode` writes and training reads.
+
+A cache is a folder:
+
+    CACHE/shards/{commit time ns}-{tag}.safetensors   encoded samples, many per file
+    CACHE/index.json                          a consolidated listing (an accelerator only)
+    CACHE/empty_text-{text_id}.safetensors    the empty prompt's text states (classifier-free dropout)
+
+A shard is self-describing: its safetensors metadata lists its entries (key, id, bucket, ...).
+It is written under a temporary name and renamed, so the rename commits it: a reader, or a run
+killed with -9, never sees part of one. The index is therefore always derivable from the shards;
+index.json is only trusted when it lists exactly the shard files present.
+
+Shard names start with their commit time, so name order is commit order. A sample id can have
+several entries (its caption or media changed, or two runs encoded it at once); readers see the
+most recently committed one (`latest_by_id`).
+
+Tensors of an entry (key = content hash of media, caption, bucket, VAE and text encoders):
+    {key}.latent_mean, {key}.latent_std   (C, T', H', W') the VAE posterior; training samples from it
+    {key}.text.{v}                        (n_tokens, D) LLM states of caption variant v, padding dropped
+    {key}.pooled.{v}                      (D2,) CLIP pooled output of caption variant v
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hvctl.errors import HvctlError
+from hvctl.io import atomic_output, write_json_atomic
+
+CACHE_FORMAT = "hvctl-cache/1"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    key: str
+    id: str
+    kind: str  # image | video
+    bucket: tuple[int, int, int]  # (height, width, frames) of the media that was encoded
+    text_variants: int
+    shard: str  # file name under shards/
+    split: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CacheEntry":
+        return cls(**{**d, "bucket": tuple(d["bucket"])})
+
+
+def shard_dir(root: Path) -> Path:
+    return Path(root) / "shards"
+
+
+class ShardWriter:
+    """Buffers encoded samples and commits them as shards of `samples_per_shard` entries."""
+
+    def __init__(self, root: Path, tag: str, samples_per_shard: int = 64):
+        self.dir = shard_dir(root)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tag, self.samples_per_shard = tag, samples_per_shard
+        self.pending: list[tuple[dict, dict[str, torch.Tensor]]] = []
+        self.written: list[Path] = []
+
+    def add(self, entry: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """entry: CacheEntry fields but `shard`; tensors: names without the `{key}.` prefix."""
+        self.pending.append((entry, tensors))
+        if len(self.pending) >= self.samples_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.dir / f"{time.time_ns():020d}-{self.tag}-{len(self.written):05d}.safetensors"
+        tensors, entries = {}, []
+        for entry, named in self.pending:
+            entries.append({**entry, "shard": path.name})
+            for name, tensor in named.items():
+                tensors[f"{entry['key']}.{name}"] = tensor.detach().cpu().contiguous()
+        metadata = {"format": CACHE_FORMAT, "entries": json.dumps(entries)}
+        with atomic_output(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        self.written.append(path)
+        self.pending = []
+
+
+def read_shard_entries(path: Path) -> list[CacheEntry]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise HvctlError(f"{path}: unreadable cache shard ({e})") from None
+    if metadata.get("format") != CACHE_FORMAT:
+        raise HvctlError(f"{path}: not an hvctl cache shard (format {metadata.get('format')!r})")
+    return [CacheEntry.from_json(d) for d in json.loads(metadata["entries"])]
+
+
+def shard_files(root: Path) -> list[Path]:
+    # Temporary files start with a dot: never part of the cache.
+    return sorted(p for p in shard_dir(root).glob("*.safetensors") if not p.name.startswith("."))
+
+
+def scan_entries(root: Path) -> list[CacheEntry]:
+    """Every entry of every committed shard, in commit order."""
+    return [entry for path in shard_files(root) for entry in read_shard_entries(path)]
+
+
+def load_entries(root: Path) -> list[CacheEntry]:
+    """The cache's entries, from index.json when it is current, else from the shards themselves."""
+    index_path = Path(root) / "index.json"
+    names = [p.name for p in shard_files(root)]
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            if index.get("format") == CACHE_FORMAT and index.get("shards") == names:
+                return [CacheEntry.from_json(e) for e in index["entries"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # rebuilt below
+    return scan_entries(root)
+
+
+def latest_by_id(entries: list[CacheEntry]) -> dict[str, CacheEntry]:
+    """Each sample id's most recently committed entry."""
+    return {entry.id: entry for entry in entries}
+
+
+def write_index(root: Path) -> list[CacheEntry]:
+    """Consolidate the shards' entries into index.json (atomically)."""
+    names = [p.name for p in shard_files(root)]
+    entries = scan_entries(root)
+    write_json_atomic(Path(root) / "index.json", {
+        "format": CACHE_FORMAT, "shards": names, "entries": [asdict(e) for e in entries],
+    })
+    return entries
+
+
+def write_empty_text(root: Path, text_id: str, tensors: dict[str, torch.Tensor]) -> Path:
+    path = Path(root) / f"empty_text-{text_id[:16]}.safetensors"
+    if not path.exists():
+        with atomic_output(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": CACHE_FORMAT})
+    return path
+
+
+class CacheLock:
+    """An exclusive, non-blocking lock on a cache for one shard of work (`--shard i/n`).
+
+    flock is released by the kernel when its holder dies, kill -9 included, so a crashed run
+    never leaves the cache locked.
+    """
+
+    def __init__(self, root: Path, name: str):
+        self.path = Path(root) / f".lock-{name}"
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise HvctlError(f"{self.path.parent}: another hvctl encode is working on this cache (lock {self.path.name})") from None
+        self.file.truncate(0)
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """Training's view of a cache: one item per entry, grouped by bucket.
+
+    An item holds the VAE posterior (mean, std), and the text states of one caption variant
+    padded to `text_len` with their mask, and the CLIP pooled vector.
+    """
+
+    def __init__(self, root: str | Path, text_len: int = 256, split: str | None = None, ids=None):
+        """split, ids: keep only the samples of this split / with these ids (e.g. a manifest's)."""
+        self.root = Path(root)
+        if not shard_dir(self.root).is_dir():
+            raise HvctlError(f"{self.root}: not an hvctl cache (no shards/ folder)")
+        ids = None if ids is None else set(ids)
+        self.entries = sorted(
+            (e for e in latest_by_id(load_entries(self.root)).values()
+             if (split is None or e.split == split) and (ids is None or e.id in ids)),
+            key=lambda e: e.id,
+        )
+        self.text_len = text_len
+        self._handles: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def buckets(self) -> dict[tuple[int, int, int], list[int]]:
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, entry in enumerate(self.entries):
+            groups.setdefault(entry.bucket, []).append(i)
+        return groups
+
+    def _tensor(self, shard: str, name: str) -> torch.Tensor:
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(shard_dir(self.root) / shard), framework="pt")
+        return self._handles[shard].get_tensor(name)
+
+    def pad_text(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = min(states.shape[0], self.text_len)
+        padded = states.new_zeros(self.text_len, states.shape[1])
+        padded[:n] = states[:n]
+        mask = torch.zeros(self.text_len, dtype=torch.long)
+        mask[:n] = 1
+        return padded, mask
+
+    def item(self, index: int, variant: int = 0) -> dict:
+        entry = self.entries[index]
+        variant = variant % entry.text_variants
+        get = lambda name: self._tensor(entry.shard, f"{entry.key}.{name}")  # noqa: E731
+        text, mask = self.pad_text(get(f"text.{variant}"))
+        return {
+            "id": entry.id, "key": entry.key, "bucket": entry.bucket, "kind": entry.kind,
+            "latent_mean": get("latent_mean"), "latent_std": get("latent_std"),
+            "text_states": text, "text_mask": mask, "pooled": get(f"pooled.{variant}"),
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        return self.item(index)
+
+    def empty_text(self) -> dict | None:
+        """The empty prompt's conditions (for classifier-free-guidance dropout), if encoded."""
+        files = sorted(self.root.glob("empty_text-*.safetensors"))
+        if not files:
+            return None
+        with safe_open(str(files[0]), framework="pt") as f:
+            text, mask = self.pad_text(f.get_tensor("text"))
+            return {"text_states": text, "text_mask": mask, "pooled": f.get_tensor("pooled")}
+
+    def __getstate__(self):  # DataLoader workers open their own file handles
+        return {**self.__dict__, "_handles": {}}

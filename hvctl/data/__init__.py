@@ -1,0 +1,1 @@
+"""Datasets: the JSONL manifest every stage reads and writes, and aspect/duration buckets."""

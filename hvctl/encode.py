@@ -1,0 +1,213 @@
+"""`hvctl encode`: VAE latents and text states of a manifest's samples, cached to disk.
+
+Each sample is keyed by a content hash of (media bytes, caption texts, bucket, VAE identity,
+text-encoder identity), so a second run encodes only what is new or changed. Work is committed
+shard by shard (see hvctl/cache.py), so a run killed at any moment loses at most the samples of
+its open shard, and the next run completes the cache. `--shard i/n` gives each of n processes or
+machines the samples whose id hashes to i; they write into one cache folder (shared storage) and
+their shards join in one index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from hvctl.errors import HvctlError
+from hvctl.toy.world import ASPECT_BUCKETS, DURATION_BUCKETS
+
+
+@dataclass
+class EncodeRecipe:
+    KIND: ClassVar[str] = "encode"
+    manifest: Path | None = None
+    model: Path | None = None  # None: the embedded default model
+    out: Path | None = None  # the cache folder
+    aspect_buckets: list[tuple[int, int]] = field(default_factory=lambda: list(ASPECT_BUCKETS))  # (height, width)
+    frame_buckets: list[int] = field(default_factory=lambda: list(DURATION_BUCKETS))
+    caption_variants: int = 4  # texts per sample: the short description, then field dropout + permutation
+    text_len: int | None = None  # None: the model's
+    vae_tiling: bool | None = None  # None: tile frames larger than vae_tile_size
+    vae_tile_size: int = 256
+    storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype
+    device: str = "auto"
+    samples_per_shard: int = 64
+    shard: str = "0/1"  # i/n: this process encodes the samples whose id hashes to i
+    on_error: Literal["skip", "fail"] = "skip"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise HvctlError(f"--shard {text}: expected i/n, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise HvctlError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def in_shard(sample_id: str, shard: tuple[int, int]) -> bool:
+    i, n = shard
+    return int(hashlib.sha1(sample_id.encode()).hexdigest(), 16) % n == i
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Delete temporary shard files left by runs that died (their pid is gone)."""
+    for tmp in directory.glob(".*.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split(".")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            pass  # not ours to judge
+
+
+class Encoder:
+    """The loaded VAE and text encoders, and the identities that go into every cache key."""
+
+    def __init__(self, r: EncodeRecipe, model_dir: Path, text_len: int):
+        import torch
+
+        from hvctl.generate import resolve_device_dtype
+        from hvctl.models.loading import folder_fingerprint, load_components
+        from hvctl.models.text import PromptEncoder
+        from hvctl.models.vae import configure_tiling
+
+        device, dtype = resolve_device_dtype(r.device, r.dtype)
+        self.parts = load_components(model_dir, dtype=dtype, device=device, parts=("vae", "text"))
+        configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size)
+        p = self.parts
+        self.prompt_encoders = {
+            template: PromptEncoder(p.tokenizer, p.text_encoder, p.tokenizer_2, p.text_encoder_2, template=template, text_len=text_len)
+            for template in ("video", "image")
+        }
+        self.storage_dtype = getattr(torch, r.storage_dtype)
+        self.vae_id = _hash([folder_fingerprint(model_dir / "vae"), r.vae_tiling, r.vae_tile_size, r.storage_dtype])
+        self.text_id = _hash([folder_fingerprint(model_dir / n) for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")]
+                             + [text_len, r.storage_dtype])
+
+    def encode_media(self, frames) -> dict:
+        from hvctl.models.vae import encode_posterior
+
+        mean, std = encode_posterior(self.parts.vae, frames)
+        return {"latent_mean": mean.to(self.storage_dtype), "latent_std": std.to(self.storage_dtype)}
+
+    def encode_texts(self, texts: list[str], template: str) -> dict:
+        text = self.prompt_encoders[template](texts)
+        tensors = {}
+        for v in range(len(texts)):
+            n = int(text.llm_mask[v].sum())
+            tensors[f"text.{v}"] = text.llm_states[v, :n].to(self.storage_dtype)  # padding is rebuilt on reading
+            tensors[f"pooled.{v}"] = text.pooled[v].to(self.storage_dtype)
+        return tensors
+
+
+def _hash(items) -> str:
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) -> dict:
+    """Run an encode recipe; returns counts, failures and timings.
+
+    on_problem(message) hears each skipped sample as it happens (the CLI prints it).
+    """
+    from hvctl.cache import CacheLock, ShardWriter, latest_by_id, load_entries, shard_dir, write_empty_text, write_index
+    from hvctl.data.buckets import BucketConfig, assign_bucket, fit_to_bucket
+    from hvctl.data.captions import caption_variants
+    from hvctl.data.manifest import iter_manifest
+    from hvctl.generate import prepare_model
+    from hvctl.progress import progress_bar
+    from hvctl.video import read_image, read_video
+
+    if r.manifest is None or r.out is None:
+        raise HvctlError("encode needs a manifest and an output cache folder (MANIFEST --out CACHE)")
+    for name in ("caption_variants", "samples_per_shard", "vae_tile_size"):
+        if getattr(r, name) < 1:
+            raise HvctlError(f"'{name}' must be at least 1, got {getattr(r, name)}")
+    if any(f < 1 or (f - 1) % 4 for f in r.frame_buckets):
+        raise HvctlError(f"frame_buckets must all be 4k+1, got {r.frame_buckets}")
+    if any(h % 16 or w % 16 for h, w in r.aspect_buckets):
+        raise HvctlError(f"aspect_buckets must be multiples of 16, got {r.aspect_buckets}")
+    shard = parse_shard(r.shard)
+    manifest = Path(r.manifest)
+    failures: list[dict] = []
+
+    def fail(sample_id, path, reason):
+        failure = {"id": sample_id, "path": str(path), "reason": reason}
+        if r.on_error == "fail":
+            raise HvctlError(f"{path}: {reason}" + (f" (sample {sample_id})" if sample_id else ""))
+        failures.append(failure)
+        if on_problem:
+            on_problem(f"skipped {path}: {reason}")
+
+    # A bad manifest line's error reads "{manifest}:{line}: {reason}".
+    records = list(iter_manifest(manifest, on_error=lambda e: fail(None, *str(e).partition(": ")[::2])))
+    records = [rec for rec in records if in_shard(rec.id, shard)]
+    model_dir, defaults = prepare_model(r.model)
+    text_len = r.text_len or defaults["text_len"]
+    buckets = BucketConfig(aspect_buckets=[tuple(b) for b in r.aspect_buckets], frame_buckets=list(r.frame_buckets))
+    cache = Path(r.out)
+    started = time.perf_counter()
+
+    with CacheLock(cache, f"shard-{shard[0]}-of-{shard[1]}"):
+        shard_dir(cache).mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(shard_dir(cache))
+        encoder = Encoder(r, model_dir, text_len)
+        empty = encoder.encode_texts([""], "video")
+        write_empty_text(cache, encoder.text_id, {"text": empty["text.0"], "pooled": empty["pooled.0"]})
+        latest = {sample_id: entry.key for sample_id, entry in latest_by_id(load_entries(cache)).items()}
+        tag = f"s{shard[0]}of{shard[1]}-{os.getpid()}"
+        writer = ShardWriter(cache, tag, r.samples_per_shard)
+        encoded = skipped = 0
+        try:
+            with progress_bar(len(records), "encoding", enabled=progress) as advance:
+                for rec in records:
+                    advance()
+                    path = rec.media_path(manifest.parent)
+                    if not path.is_file():
+                        fail(rec.id, path, "media file not found")
+                        continue
+                    try:
+                        frames = read_video(path)[0] if rec.kind == "video" else read_image(path)[None]
+                    except HvctlError as e:
+                        fail(rec.id, path, str(e).removeprefix(f"{path}: "))
+                        continue
+                    bucket = assign_bucket(frames.shape[2], frames.shape[1], frames.shape[0], buckets)
+                    if bucket is None:
+                        fail(rec.id, path, f"{frames.shape[0]} frames, fewer than the shortest frame bucket ({min(r.frame_buckets)})")
+                        continue
+                    texts = caption_variants(rec.caption, rec.id, r.caption_variants)
+                    key = _hash([file_sha256(path), texts, bucket, encoder.vae_id, encoder.text_id])
+                    if latest.get(rec.id) == key:
+                        skipped += 1
+                        continue
+                    tensors = encoder.encode_media(fit_to_bucket(frames, bucket))
+                    tensors.update(encoder.encode_texts(texts, "image" if rec.kind == "image" else "video"))
+                    entry = {"key": key, "id": rec.id, "kind": rec.kind, "bucket": list(bucket),
+                             "text_variants": len(texts), "split": rec.split}
+                    writer.add(entry, tensors)
+                    latest[rec.id] = key
+                    encoded += 1
+        finally:
+            writer.flush()  # what was encoded before an error is kept
+        entries = write_index(cache)
+    return {
+        "cache": str(cache), "shard": r.shard, "samples": len(records), "encoded": encoded,
+        "skipped_cached": skipped, "failed": failures, "entries": len(latest_by_id(entries)),
+        "shards_written": [p.name for p in writer.written], "seconds": round(time.perf_counter() - started, 3),
+    }

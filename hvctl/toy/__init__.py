@@ -1,0 +1,1 @@
+"""The toy world: a synthetic universe whose truth is known (shared/design/toy-world.md)."""
