@@ -114,6 +114,25 @@ def encode(
         raise typer.Exit(1)
 
 
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="A YAML train recipe (kind: train)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (checkpoints, metrics, the final model)."),
+    steps: Optional[int] = typer.Option(None, help="Total optimizer steps."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
+    overrides: Optional[list[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Train the DiT (flow matching) or the VAE; resumes exactly from the run folder's last checkpoint."""
+    from hvctl.recipe import load_recipe
+    from hvctl.train.config import TrainRecipe
+    from hvctl.train.trainer import train as run_train
+
+    config = load_recipe(TrainRecipe, recipe, overrides or (), values=dict(out=out, steps=steps, device=device))
+    result = run_train(config, progress=None if not as_json else False)
+    emit(result, as_json, f"trained {result['steps']} steps; model: {result['model']}")
+
+
 @toy_app.command("render")
 def toy_render(
     out: Path = typer.Argument(..., help="Folder to write media/ and manifest.jsonl into."),

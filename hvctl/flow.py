@@ -52,3 +52,39 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
+
+
+def sample_training_sigmas(batch: int, method: str, *, generator: torch.Generator, shift: float = 7.0,
+                           logit_mean: float = 0.0, logit_std: float = 1.0,
+                           stratum: tuple[int, int] | None = None) -> torch.Tensor:
+    """Noise levels for a training batch.
+
+    method: "uniform" (sigma ~ U(0, 1)), "logit_normal" (sigmoid of N(mean, std): SD3's choice,
+    most weight mid-way), or "shifted" (U(0, 1) bent by the flow shift, as sampling is).
+    stratum (i, n): CogVideoX's stratified sampling; the uniform draws of rank i fall in
+    [i/n, (i+1)/n), so the ranks of one step together cover [0, 1] evenly.
+    """
+    u = torch.rand(batch, generator=generator)
+    if stratum is not None:
+        i, n = stratum
+        u = (i + u) / n
+    if method == "uniform":
+        sigma = u
+    elif method == "shifted":
+        sigma = shift_sigmas(u, shift)
+    elif method == "logit_normal":
+        # The normal's inverse CDF keeps the stratification meaningful.
+        z = torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6))
+        sigma = torch.sigmoid(logit_mean + logit_std * z)
+    else:
+        raise ValueError(f"unknown timestep sampling {method!r}")
+    return sigma.clamp(1e-5, 1.0)
+
+
+def loss_weights(sigma: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Per-sample weights of the velocity loss: "none" (1), or "cosmap" (SD3's cosine-mapped)."""
+    if scheme == "none":
+        return torch.ones_like(sigma)
+    if scheme == "cosmap":
+        return 2 / (torch.pi * (1 - 2 * sigma + 2 * sigma**2))
+    raise ValueError(f"unknown loss weighting {scheme!r}")

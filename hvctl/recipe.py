@@ -57,6 +57,7 @@ T = TypeVar("T")
 RECIPE_KINDS: dict[str, str] = {
     "generate": "hvctl.generate:GenerateRecipe",
     "encode": "hvctl.encode:EncodeRecipe",
+    "train": "hvctl.train.config:TrainRecipe",
 }
 
 _NO_FILE = "no recipe file"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hvctl.cache import LatentCache, load_entries, shard_files
+from hvctl.cache import LatentCache, shard_files
+from hvctl.data.batching import BucketBatchSampler, collate
 from hvctl.encode import EncodeRecipe, encode
 from hvctl.errors import HvctlError
 from hvctl.toy.render import render_dataset
@@ -83,6 +84,12 @@ def test_encode_is_complete_then_incremental(dataset, tiny_model, tmp_path):
     assert item["text_states"].shape == (24, 64) and item["text_mask"].sum() > 0
     assert torch.all(item["latent_std"] > 0)
     assert data.empty_text()["text_mask"].sum() == 1  # the empty prompt keeps its <|eot_id|>
+
+    # Training reads batches of one shape.
+    sampler = BucketBatchSampler(by_bucket, 2, seed=0)
+    for _ in range(4):
+        batch = collate([data[i] for i in next(sampler)])
+        assert batch["latent_mean"].shape[0] == 2 and len(set(batch["bucket"])) == 1
 
 
 def test_cached_latents_equal_a_direct_vae_encode(dataset, tiny_model, tmp_path):

@@ -7,6 +7,7 @@ use (seed 0, so every machine gets the same one) in hvctl's cache folder. Its ou
 from __future__ import annotations
 
 import os
+import sys
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def default_model_dir() -> Path:
         return target
     from hvctl.models.presets import init_model
 
+    print(f"hvctl: making the embedded default model (first use) in {target}", file=sys.stderr)
     # Build beside the target, then rename: a concurrent first use cannot see a half-made folder.
     staging = target.with_name(f"tiny-default.build-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

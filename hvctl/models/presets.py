@@ -162,7 +162,7 @@ def write_model_folder(out: Path, components: dict, generation: dict, *, meta: b
                 config["_class_name"] = type(component).__name__
                 (path / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
             else:
-                if dtype is not None:
+                if dtype is not None and dtype != component.dtype:
                     component.to(dtype)
                 component.save_pretrained(path, safe_serialization=True)
         (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
@@ -182,6 +182,9 @@ def init_model(preset_name: str, out: Path, *, meta: bool = False, guidance_embe
     """`hvctl model init`: a new randomly initialised model folder (or configs only, with meta)."""
     import torch
 
+    from hvctl.models.loading import quiet_libraries
+
+    quiet_libraries()
     preset = get_preset(preset_name)
     components = build_components(preset, meta=meta, guidance_embeds=guidance_embeds, seed=seed)
     generation = dict(preset.generation)

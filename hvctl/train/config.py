@@ -1,0 +1,98 @@
+"""The training recipe (`kind: train`): one schema for DiT and VAE runs. Imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from hvctl.toy.world import ASPECT_BUCKETS, DURATION_BUCKETS
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
+    min_lr_ratio: float = 0.0  # the cosine/linear schedule's floor, as a share of lr
+    grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class FlowConfig:
+    timestep_sampling: Literal["uniform", "logit_normal", "shifted"] = "logit_normal"
+    shift: float = 7.0  # for "shifted"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    stratified: bool = False  # CogVideoX: each rank draws from its own slice of [0, 1]
+    loss_weighting: Literal["none", "cosmap"] = "none"
+    guidance: float = 1.0  # embedded guidance fed to a guidance-embedded model while training
+
+
+@dataclass
+class DataConfig:
+    cache: Path | None = None  # an `hvctl encode` cache; None: encode `manifest` first
+    manifest: Path | None = None  # limits training to its samples; needed without a cache and for VAE runs
+    split: str | None = "train"
+    batch_size: int = 4
+    image_ratio: float | None = None  # share of steps on image batches (None: even when both exist)
+    empty_prompt_rate: float = 0.1  # text replaced by the empty prompt: what makes CFG work
+    caption_variants: int = 4  # when encoding here
+    aspect_buckets: list[tuple[int, int]] = field(default_factory=lambda: list(ASPECT_BUCKETS))
+    frame_buckets: list[int] = field(default_factory=lambda: list(DURATION_BUCKETS))
+    text_len: int | None = None  # None: the model's
+
+
+@dataclass
+class VaeLossConfig:
+    kl_weight: float = 1e-6
+    lpips_weight: float = 0.0  # official 0.1; needs local LPIPS weights (lpips_weights)
+    lpips_weights: Path | None = None
+    adversarial_weight: float = 0.0  # official 0.05 (a PatchGAN discriminator)
+    adversarial_start: int = 0  # step at which the discriminator joins
+    discriminator_lr: float = 1e-4
+    random_tiling: float = 0.0  # finetune phase: share of steps encoded/decoded in tiles
+    tile_sizes: list[int] = field(default_factory=lambda: [32, 64])
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep_last: int = 3
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0  # 0: never
+    prompts: list[str] = field(default_factory=list)
+    steps: int = 20
+    seed: int = 0
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class TrainRecipe:
+    KIND: ClassVar[str] = "train"
+    target: Literal["dit", "vae"] = "dit"
+    model: Path | None = None  # the starting model folder (a previous stage's output)
+    init_preset: str | None = None  # or a new model from a preset (`hvctl model init`)
+    init_guidance_embeds: bool | None = None
+    out: Path | None = None  # the run folder: checkpoints, metrics, validation
+    steps: int = 1000
+    seed: int = 0
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype of the forward pass
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # 0: no EMA; else exported weights are the EMA's
+    device: str = "auto"
+    log_every: int = 10
+    tensorboard: bool = True  # when the tensorboard package is installed
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae_loss: VaeLossConfig = field(default_factory=VaeLossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)

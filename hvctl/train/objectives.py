@@ -1,0 +1,146 @@
+"""Training objectives: flow matching for the DiT, reconstruction (+KL, LPIPS, adversarial) for the VAE.
+
+An objective is a callable (model, batch, generator) -> (loss, logs). Noise, timesteps and targets
+come from hvctl.flow; nothing here knows about optimizers, checkpoints or devices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hvctl.errors import HvctlError
+from hvctl.flow import add_noise, loss_weights, sample_training_sigmas, timestep_from_sigma, velocity_target
+
+
+class FlowMatchingObjective:
+    """Velocity regression on noised latents sampled from the cached VAE posterior."""
+
+    def __init__(self, flow, empty_text: dict | None, empty_prompt_rate: float, stratum=None):
+        if empty_prompt_rate > 0 and empty_text is None:
+            raise HvctlError("empty_prompt_rate > 0 needs the empty prompt's text states in the cache (re-run hvctl encode)")
+        self.flow, self.empty_text, self.empty_prompt_rate, self.stratum = flow, empty_text, empty_prompt_rate, stratum
+
+    def __call__(self, model, batch: dict, generator: torch.Generator):
+        device = next(model.parameters()).device
+        mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
+        n = mean.shape[0]
+        x0 = mean + std * torch.randn(mean.shape, generator=generator)
+        noise = torch.randn(mean.shape, generator=generator)
+        f = self.flow
+        sigma = sample_training_sigmas(n, f.timestep_sampling, generator=generator, shift=f.shift,
+                                       logit_mean=f.logit_mean, logit_std=f.logit_std,
+                                       stratum=self.stratum if f.stratified else None)
+        text, mask, pooled = batch["text_states"].float(), batch["text_mask"], batch["pooled"].float()
+        drop = torch.rand(n, generator=generator) < self.empty_prompt_rate
+        if drop.any():
+            e = self.empty_text
+            text, mask, pooled = text.clone(), mask.clone(), pooled.clone()
+            text[drop], mask[drop], pooled[drop] = e["text_states"].float(), e["text_mask"], e["pooled"].float()
+        guidance = None
+        if model.config.guidance_embeds:
+            guidance = torch.full((n,), f.guidance * 1000.0, device=device)
+        prediction = model(
+            hidden_states=add_noise(x0, noise, sigma).to(device), timestep=timestep_from_sigma(sigma).to(device),
+            encoder_hidden_states=text.to(device), encoder_attention_mask=mask.to(device), pooled_projections=pooled.to(device),
+            guidance=guidance, return_dict=False,
+        )[0]
+        per_sample = F.mse_loss(prediction.float(), velocity_target(x0, noise).to(device), reduction="none").mean(dim=(1, 2, 3, 4))
+        loss = (loss_weights(sigma, f.loss_weighting).to(device) * per_sample).mean()
+        return loss, {"loss": loss.item(), "sigma_mean": sigma.mean().item()}
+
+
+class PatchDiscriminator3D(nn.Module):
+    """A small PatchGAN over space-time: real/fake logits per patch (hinge loss)."""
+
+    def __init__(self, channels: int = 32, layers: int = 3):
+        super().__init__()
+        blocks, c_in = [], 3
+        for i in range(layers):
+            c_out = channels * 2**i
+            blocks += [nn.Conv3d(c_in, c_out, (3, 4, 4), (1, 2, 2), (1, 1, 1)), nn.GroupNorm(min(8, c_out), c_out), nn.LeakyReLU(0.2)]
+            c_in = c_out
+        blocks.append(nn.Conv3d(c_in, 1, 3, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, video):
+        return self.net(video)
+
+
+class VaeObjective:
+    """L1 + KL (+ LPIPS, + adversarial) reconstruction of pixel batches."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, device
+        self.lpips = _load_lpips(cfg) if cfg.lpips_weight > 0 else None
+        self.discriminator = self.disc_optimizer = None
+        if cfg.adversarial_weight > 0:
+            self.discriminator = PatchDiscriminator3D().to(device)
+            self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=cfg.discriminator_lr, betas=(0.5, 0.9))
+
+    def __call__(self, vae, batch: dict, generator: torch.Generator, step: int = 0):
+        from hvctl.models.vae import configure_tiling
+
+        cfg = self.cfg
+        x = batch["pixels"].to(self.device)
+        # The finetune phase: random tiling, so tiled inference shows no seams.
+        use_tiles = cfg.random_tiling > 0 and torch.rand(1, generator=generator).item() < cfg.random_tiling
+        tile = cfg.tile_sizes[int(torch.randint(len(cfg.tile_sizes), (1,), generator=generator))]
+        configure_tiling(vae, use_tiles, tile)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(self.device)
+        recon = vae.decode(z).sample
+        l1 = (recon - x).abs().mean()
+        kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()
+        loss = l1 + cfg.kl_weight * kl
+        logs = {"l1": l1.item(), "kl": kl.item()}
+        if self.lpips is not None:
+            frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # noqa: E731  (B,C,T,H,W) -> (B*T,C,H,W)
+            perceptual = self.lpips(frames(recon), frames(x)).mean()
+            loss = loss + cfg.lpips_weight * perceptual
+            logs["lpips"] = perceptual.item()
+        if self.discriminator is not None and step >= cfg.adversarial_start:
+            # The discriminator steps first: updating it after the VAE's graph used it would change
+            # tensors that graph still needs.
+            logs["d_loss"] = self._discriminator_step(x, recon.detach())
+            self.discriminator.requires_grad_(False)
+            adversarial = -self.discriminator(recon).mean()
+            loss = loss + cfg.adversarial_weight * adversarial
+            logs["g_adv"] = adversarial.item()
+        with torch.no_grad():
+            mse = ((recon.clamp(-1, 1) - x) ** 2).mean()
+            logs["psnr"] = (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).item()
+        configure_tiling(vae, None)
+        logs["loss"] = loss.item()
+        return loss, logs
+
+    def _discriminator_step(self, real, fake) -> float:
+        self.discriminator.requires_grad_(True)
+        d_loss = F.relu(1 - self.discriminator(real)).mean() + F.relu(1 + self.discriminator(fake)).mean()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.disc_optimizer.step()
+        return d_loss.item()
+
+    def state_dict(self) -> dict:
+        if self.discriminator is None:
+            return {}
+        return {"discriminator": self.discriminator.state_dict(), "disc_optimizer": self.disc_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.discriminator is not None and state:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+
+
+def _load_lpips(cfg):
+    try:
+        import lpips
+    except ImportError:
+        raise HvctlError("vae_loss.lpips_weight > 0 needs the `lpips` package and its VGG weights, which cannot be "
+                         "downloaded here; install it where the weights are cached, or set lpips_weight: 0") from None
+    if cfg.lpips_weights is None:
+        raise HvctlError("vae_loss.lpips_weight > 0 needs vae_loss.lpips_weights: a local LPIPS weights file")
+    return lpips.LPIPS(net="vgg", model_path=str(cfg.lpips_weights)).eval().requires_grad_(False)
+
