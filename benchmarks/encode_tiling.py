@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -103,6 +104,7 @@ def main() -> None:
     import torch
 
     sizes = [int(s) for s in args.sizes.split(",")]
+    load = os.getloadavg()[0]  # other work on the box skews the times (not the memory)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hvctl-bench-") as tmp:
         tmp = Path(tmp)
@@ -128,6 +130,8 @@ def main() -> None:
 
     print(f"VAE encode of {FRAMES} frames, tile {args.tile} px (stride {args.tile * 3 // 4}), "
           f"model: {args.model or 'tiny (random init)'}")
+    print(f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+          f"load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end")
     print("peak = encode peak RSS over the pre-encode baseline (absolute process peak in brackets)")
     header = (f"{'size':>5} {'n':>2} {'tiles':>5} {'untiled s':>9} {'untiled peak MB':>16} "
               f"{'tiled s':>8} {'tiled peak MB':>16} {'time x':>7} {'peak x':>7} {'rel L2':>7}")

@@ -203,10 +203,9 @@ class LatentCache(torch.utils.data.Dataset):
 
     @property
     def buckets(self) -> dict[tuple[int, int, int], list[int]]:
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for i, entry in enumerate(self.entries):
-            groups.setdefault(entry.bucket, []).append(i)
-        return groups
+        from hvctl.data.batching import group_by_bucket
+
+        return group_by_bucket([e.bucket for e in self.entries])
 
     def _tensor(self, shard: str, name: str) -> torch.Tensor:
         if shard not in self._handles:

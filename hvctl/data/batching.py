@@ -13,6 +13,14 @@ import random
 import torch
 
 
+def group_by_bucket(buckets: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], list[int]]:
+    """Dataset indices by bucket, from each item's bucket in index order."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for index, bucket in enumerate(buckets):
+        groups.setdefault(tuple(bucket), []).append(index)
+    return groups
+
+
 def epoch_batches(buckets: dict[tuple, list[int]], batch_size: int, seed, epoch: int) -> list[list[int]]:
     """One epoch of full batches: each bucket shuffled and cut, then the batches shuffled.
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from hvctl.data.batching import group_by_bucket
 from hvctl.data.buckets import BucketConfig, assign_bucket, fit_to_bucket
 from hvctl.data.manifest import read_manifest
 from hvctl.errors import HvctlError
@@ -45,7 +46,4 @@ class MediaDataset(torch.utils.data.Dataset):
 
     @property
     def buckets(self) -> dict[tuple[int, int, int], list[int]]:
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for i, item in enumerate(self.items):
-            groups.setdefault(item["bucket"], []).append(i)
-        return groups
+        return group_by_bucket([item["bucket"] for item in self.items])
