@@ -6,7 +6,7 @@ twice, untiled and tiled. Each case runs in a fresh subprocess (this script re-i
 frames and warms up on a 5-frame 32x32 input, reads ru_maxrss as its baseline, encodes, and reads
 ru_maxrss again. "encode peak MB" is peak minus baseline (what the encode itself added); the
 absolute peak of the process is shown too. Time is the wall time of the encode call, the median of
-`--repeats` runs (default 3 below 256 px, 1 from 256 px: a tiled 512 px encode takes minutes). Ratios are tiled / untiled, both
+`--repeats` runs (default 3 below 256 px, 1 from 256 px). Ratios are tiled / untiled, both
 measured in the same run. "rel L2" is ||tiled - untiled|| / ||untiled|| over the latent means.
 
 Tile size: the official tile is 256 px (stride 192) for 720p frames, but at toy scale a 256 px tile
@@ -21,11 +21,14 @@ Run:
 
 What to expect: untiled encode peak memory grows with the frame area (at 512 px mostly the mid-block
 attention over all latent pixels of a temporal chunk and its causal mask), while the tiled peak stays
-nearly flat: bounded by one tile, plus the float copies of the input video (12 bytes per
-pixel per frame, ~100 MB at 512 px). Diffusers always encodes a video of more than 16 frames in temporal
-chunks (framewise), tiled or not, so memory does not grow with the frame count either way. On a
+nearly flat: bounded by one tile, plus the float copies of the input video (12 bytes per pixel
+per frame each, ~100 MB at 512 px). Diffusers always encodes a video of more than 16 frames in
+temporal chunks (framewise), tiled or not, so memory does not grow with the frame count either way. On a
 randomly initialised VAE the tiled latents differ a lot from the untiled ones (the blended tile seams
 of a random network mean nothing); the rel L2 column is meaningful only on a trained VAE (--model).
+With the tiny model on CPU, tiling costs time (many small tiles and their overlap: ~3x at 512 px).
+The default run takes about 2.5 minutes on an idle 2-core box; other load on the box slows the
+small per-tile ops far more than the untiled encode, so compare times only from a quiet run.
 """
 
 from __future__ import annotations
