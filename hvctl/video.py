@@ -12,7 +12,7 @@ import av
 import numpy as np
 
 from hvctl.errors import HvctlError
-from hvctl.io import atomic_output, write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
+from hvctl.io import atomic_output
 
 AAC_FRAME_SIZE = 1024  # samples per frame that ffmpeg's native AAC encoder requires
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from hvctl.errors import HvctlError
-from hvctl.io import atomic_output
+from hvctl.io import atomic_output, write_json_atomic, write_text_atomic
 from hvctl.toy.world import render, sample_spec
 from hvctl.video import (
-    probe_video, read_image, read_video, write_image, write_json_atomic, write_text_atomic, write_video,
+    probe_video, read_image, read_video, write_image, write_video,
 )
 
 
