@@ -46,8 +46,9 @@ class GenerateRecipe:
     vae_tile_size: int = 256
 
 
-def resolve(recipe: GenerateRecipe, defaults: dict, guidance_embeds: bool) -> GenerateRecipe:
-    """Fill the unset settings from the model's defaults and check them all."""
+def resolve(recipe: GenerateRecipe, defaults: dict) -> GenerateRecipe:
+    """Fill the unset settings from the model's defaults (ModelFolder.generation_defaults) and check them all."""
+    guidance_embeds = defaults["guidance_embeds"]
     filled = {k: (v if v is not None else defaults.get(k)) for k, v in asdict(recipe).items()}
     r = replace(recipe, **filled)
     if not r.prompt:
@@ -142,16 +143,13 @@ def prepare_model(model: Path | None) -> tuple[Path, dict]:
     from hvctl.models.loading import ModelFolder
 
     model_dir = Path(model) if model else default_model_dir()
-    folder = ModelFolder.open(model_dir)
-    defaults = folder.generation_defaults
-    defaults["guidance_embeds"] = bool(folder.component_config("transformer").get("guidance_embeds"))
-    return model_dir, defaults
+    return model_dir, ModelFolder.open(model_dir).generation_defaults
 
 
 def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
     """Resolve a recipe against its model folder."""
     model_dir, defaults = prepare_model(recipe.model)
-    r = resolve(recipe, defaults, defaults["guidance_embeds"])
+    r = resolve(recipe, defaults)
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     r.model, r.device, r.dtype = model_dir, str(device), str(dtype).removeprefix("torch.")
     return r, model_dir

@@ -91,3 +91,16 @@ def test_recipe_show_resolves_extends_and_overrides(tmp_path):
     assert (shown["kind"], shown["steps"], shown["height"], shown["width"]) == ("generate", 20, 544, None)
     bad = run_cli("recipe", "show", tmp_path / "child.yaml", "--set", "hieght=3")
     assert bad.returncode != 0 and "hieght" in bad.stderr and "height" in bad.stderr
+
+
+def test_a_community_folder_takes_official_defaults_and_its_scheduler_shift(tiny_guided_model, tmp_path):
+    import shutil
+
+    folder = tmp_path / "community"
+    shutil.copytree(tiny_guided_model, folder)
+    (folder / "hvctl.json").unlink()
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "shift": 5.0}))
+    defaults = ModelFolder.open(folder).generation_defaults
+    assert (defaults["frames"], defaults["steps"], defaults["flow_shift"]) == (129, 50, 5.0)
+    assert defaults["guidance_embeds"] is True and defaults["embedded_guidance"] == 6.0

@@ -84,13 +84,14 @@ class ModelFolder:
 
     @property
     def generation_defaults(self) -> dict:
-        """Generation settings that suit this model: hvctl.json's, else the official ones."""
-        defaults = dict(OFFICIAL_GENERATION_DEFAULTS)
-        if "guidance_embeds" in self.component_config("transformer") and not self.component_config("transformer")["guidance_embeds"]:
+        """Generation settings that suit this model: hvctl.json's, else the official ones (the flow
+        shift from the scheduler's config), plus whether the DiT takes embedded guidance."""
+        guidance_embeds = bool(self.component_config("transformer").get("guidance_embeds", True))
+        defaults = {**OFFICIAL_GENERATION_DEFAULTS, "flow_shift": self.component_config("scheduler").get("shift", 7.0)}
+        if not guidance_embeds:
             defaults["embedded_guidance"] = None
         defaults.update(self.hvctl_info.get("generation", {}))
-        defaults["flow_shift"] = defaults.get("flow_shift") or self.component_config("scheduler").get("shift", 7.0)
-        return defaults
+        return {**defaults, "guidance_embeds": guidance_embeds}
 
 
 def _read_json(path: Path) -> dict:

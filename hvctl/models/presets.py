@@ -27,9 +27,10 @@ MODEL_INDEX = {
     "vae": ["diffusers", "AutoencoderKLHunyuanVideo"],
 }
 
-# The official sample_video.py defaults, used for folders without hvctl.json.
+# The official sample_video.py defaults, used for folders without hvctl.json. The flow shift
+# comes from the folder's scheduler config.
 OFFICIAL_GENERATION_DEFAULTS = {
-    "height": 720, "width": 1280, "frames": 129, "fps": 24, "steps": 50, "flow_shift": 7.0,
+    "height": 720, "width": 1280, "frames": 129, "fps": 24, "steps": 50,
     "guidance_scale": 1.0, "embedded_guidance": 6.0, "text_len": 256, "negative_prompt": "",
 }
 
