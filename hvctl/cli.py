@@ -25,7 +25,9 @@ recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 toy_app = typer.Typer(help="The toy world: a synthetic dataset whose truth is known.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(recipe_app, name="recipe")
+eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
+app.add_typer(eval_app, name="eval")
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 SET_OPTION = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
@@ -120,17 +122,47 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (checkpoints, metrics, the final model)."),
     steps: Optional[int] = typer.Option(None, help="Total optimizer steps."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes per node (default: the recipe's, 1); > 1 runs torchrun."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Nodes; each runs this same command."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0 (multi-node)."),
+    rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Run id shared by the nodes (multi-node)."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
 ):
     """Train the DiT (flow matching) or the VAE; resumes exactly from the run folder's last checkpoint."""
+    from hvctl.parallel import under_torchrun
     from hvctl.recipe import load_recipe
     from hvctl.train.config import TrainRecipe
+
+    config = load_recipe(TrainRecipe, recipe, overrides or (), values=dict(out=out, steps=steps, device=device, nproc=nproc))
+    if config.nproc < 1 or nnodes < 1:
+        raise HvctlError(f"--nproc {config.nproc}, --nnodes {nnodes}: both must be at least 1")
+    if (config.nproc > 1 or nnodes > 1) and not under_torchrun():
+        from hvctl.parallel import launch
+
+        launch(_without_launch_options(sys.argv[1:]), config.nproc, nnodes, rdzv_endpoint, rdzv_id)
+        return
     from hvctl.train.trainer import train as run_train
 
-    config = load_recipe(TrainRecipe, recipe, overrides or (), values=dict(out=out, steps=steps, device=device))
     result = run_train(config, progress=None if not as_json else False)
-    emit(result, as_json, f"trained {result['steps']} steps; model: {result['model']}")
+    if result is not None:  # rank 0 reports
+        emit(result, as_json, f"trained {result['steps']} steps on {result['processes']} process(es); model: {result['model']}")
+
+
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-id")
+
+
+def _without_launch_options(argv: list[str]) -> list[str]:
+    """The command line each torchrun worker runs: this one, less the options that launched it."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in LAUNCH_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in LAUNCH_OPTIONS)):
+            kept.append(arg)
+    return kept
 
 
 @toy_app.command("render")
@@ -159,6 +191,56 @@ def toy_render(
          f"wrote {manifest} ({videos} videos, {images} images, split {split})")
 
 
+@eval_app.command("toy")
+def eval_toy(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder. Default: the embedded model."),
+    prompts: int = typer.Option(96, help="Prompts from the toy eval split; a third are held-out compositions."),
+    seed: int = typer.Option(0, help="Seed of the prompt set and of the noise (video i: seed+i)."),
+    steps: Optional[list[int]] = typer.Option(None, help="Sampling steps (repeat for several). Default: the model's."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="True classifier-free guidance."),
+    embedded_guidance: Optional[float] = typer.Option(None, "--embedded-guidance", help="For guidance-distilled models."),
+    flow_shift: Optional[float] = typer.Option(None, "--flow-shift", help="Default: the model's, or by step count."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Videos generated at once."),
+    vae_videos: int = typer.Option(32, "--vae-videos", help="Eval videos for the VAE's reconstruction PSNR (0: skip)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the videos and per-video measurements here."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
+    as_json: bool = JSON_OPTION,
+):
+    """Generate the toy prompt set and measure, from pixels, what the videos show."""
+    from hvctl.toy.evaluate import ToyEvalSettings, evaluate_toy
+
+    for name, value in (("prompts", prompts), ("batch-size", batch_size)):
+        if value < 1:
+            raise HvctlError(f"--{name} must be at least 1, got {value}")
+    if vae_videos < 0 or any(n < 1 for n in steps or ()):
+        raise HvctlError("--vae-videos must be >= 0 and --steps >= 1")
+    settings = ToyEvalSettings(model=model, prompts=prompts, seed=seed, steps=tuple(steps or ()),
+                               guidance_scale=guidance_scale, embedded_guidance=embedded_guidance,
+                               flow_shift=flow_shift, batch_size=batch_size, vae_videos=vae_videos, out=out,
+                               device=device)
+    result = evaluate_toy(settings, progress=None if not as_json else False)
+    if as_json:
+        emit(result, True, "")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from hvctl.toy.evaluate import ATTRIBUTES
+
+    table = Table(title=f"toy eval: {result['model']['path']}")
+    for column in ("steps", "compositions", "videos", "strict", *ATTRIBUTES):
+        table.add_column(column, justify="right")
+    for run in result["runs"]:
+        for group, acc in run["accuracy"].items():
+            table.add_row(str(run["steps"]), group.replace("_", "-"), str(acc["n"]),
+                          *(f"{100 * acc[k]:.1f}%" for k in ("strict", *ATTRIBUTES)))
+    console = Console()
+    console.print(table)
+    if "vae" in result:
+        v = result["vae"]
+        console.print(f"VAE reconstruction: {v['psnr']:.2f} dB mean PSNR (min {v['psnr_min']:.2f}) over {v['videos']} eval videos")
+
+
 @model_app.command("init")
 def model_init(
     out: Path = typer.Argument(..., help="New model folder to write."),
@@ -179,6 +261,35 @@ def model_init(
     path = init_model(preset, out, meta=meta, guidance_embeds=guidance_embeds, seed=seed, dtype=dtype)
     info = describe(path)
     emit(info, as_json, f"wrote {path} ({preset}, {info['parameters']:,} parameters{', configs only' if meta else ''})")
+
+
+@model_app.command("compose")
+def model_compose(
+    base: Path = typer.Argument(..., help="Model folder to start from."),
+    out: Path = typer.Argument(..., help="New model folder to write."),
+    take: Optional[list[str]] = typer.Option(None, "--take", metavar="COMPONENT=DIR", help="Take a component from another folder, e.g. vae=runs/vae/model (repeatable)."),
+    dtype: Optional[str] = typer.Option(None, help="Store the weights as float32, bfloat16 or float16."),
+    defaults: Optional[list[str]] = typer.Option(None, "--default", metavar="KEY=VALUE", help="Set a generation default in hvctl.json, e.g. guidance_scale=4 (repeatable)."),
+    as_json: bool = JSON_OPTION,
+):
+    """Write a model folder made of another's components, recast, with new generation defaults."""
+    import yaml
+
+    from hvctl.models.compose import compose_model
+    from hvctl.models.info import describe
+
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise HvctlError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    pairs = {}
+    for flag, items in (("--take", take or ()), ("--default", defaults or ())):
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise HvctlError(f"{flag} {item}: expected KEY=VALUE")
+            pairs.setdefault(flag, {})[key] = Path(value) if flag == "--take" else yaml.safe_load(value)
+    path = compose_model(base, out, take=pairs.get("--take"), dtype=dtype, defaults=pairs.get("--default"))
+    info = describe(path)
+    emit(info, as_json, f"wrote {path} ({info['parameters']:,} parameters)")
 
 
 @model_app.command("info")

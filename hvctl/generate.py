@@ -104,37 +104,48 @@ def resolve_device_dtype(device: str, dtype: str):
 
 
 class TextToVideo:
-    """A loaded model ready to sample: the part of `generate` that tests and evaluators reuse."""
+    """A loaded model ready to sample: the part of `generate` that tests and evaluators reuse.
+
+    Several prompts can share one batch; video i is still drawn from its own seed, so a batch
+    gives what separate runs give (up to float rounding).
+    """
 
     def __init__(self, model_dir: Path, r: GenerateRecipe, device, dtype):
         from hvctl.models.loading import load_components
         from hvctl.models.text import PromptEncoder
         from hvctl.models.vae import configure_tiling, latent_shape
-        from hvctl.sampling import Conditions, FlowMatchEulerSampler
+        from hvctl.sampling import FlowMatchEulerSampler
 
         self.r = r
         self.parts = load_components(model_dir, dtype=dtype, device=device)
         self.device = device
-        encode = PromptEncoder(self.parts.tokenizer, self.parts.text_encoder, self.parts.tokenizer_2,
-                               self.parts.text_encoder_2, text_len=r.text_len)
-        use_cfg = r.guidance_scale > 1
-        self.conditions = Conditions(encode([r.prompt]), encode([r.negative_prompt]) if use_cfg else None)
+        self.encode = PromptEncoder(self.parts.tokenizer, self.parts.text_encoder, self.parts.tokenizer_2,
+                                    self.parts.text_encoder_2, text_len=r.text_len)
         self.sampler = FlowMatchEulerSampler(r.steps, r.flow_shift, r.guidance_scale, r.embedded_guidance)
         configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size)
         channels = self.parts.transformer.config.in_channels
-        self.latent_shape = (1, *latent_shape(self.parts.vae.config, channels, r.frames, r.height, r.width))
+        self.latent_shape = latent_shape(self.parts.vae.config, channels, r.frames, r.height, r.width)
 
-    def latents(self, seed: int, on_step=None):
+    def conditions(self, prompts: list[str]):
+        from hvctl.sampling import Conditions
+
+        negative = self.encode([self.r.negative_prompt] * len(prompts)) if self.r.guidance_scale > 1 else None
+        return Conditions(self.encode(prompts), negative)
+
+    def latents(self, seeds: list[int], prompts: list[str] | None = None, on_step=None):
+        """Final latents (B, C, T', H', W') for prompts[i] (default: the recipe's prompt) from seeds[i]."""
         import torch
 
-        noise = torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-        return self.sampler(self.parts.transformer, noise.to(self.device), self.conditions, on_step=on_step)
+        noise = torch.cat([torch.randn((1, *self.latent_shape), generator=torch.Generator("cpu").manual_seed(seed))
+                           for seed in seeds])
+        conditions = self.conditions(prompts or [self.r.prompt] * len(seeds))
+        return self.sampler(self.parts.transformer, noise.to(self.device), conditions, on_step=on_step)
 
     def frames(self, latents):
-        """(1, ...) latents -> (T, H, W, 3) uint8 numpy frames."""
+        """(B, ...) latents -> (B, T, H, W, 3) uint8 numpy frames."""
         from hvctl.models.vae import decode_to_frames
 
-        return decode_to_frames(self.parts.vae, latents)[0].numpy()
+        return decode_to_frames(self.parts.vae, latents).numpy()
 
 
 def prepare_model(model: Path | None) -> tuple[Path, dict]:
@@ -173,7 +184,7 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None) -> dict:
     for i, path in enumerate(paths):
         seed, t0 = r.seed + i, time.perf_counter()
         with progress_bar(r.steps, f"video {i + 1}/{len(paths)}", enabled=progress) as advance:
-            frames = t2v.frames(t2v.latents(seed, on_step=lambda _: advance()))
+            frames = t2v.frames(t2v.latents([seed], on_step=lambda _: advance()))[0]
         write_video(path, frames, fps=r.fps)
         sidecar = path.with_suffix(".json")
         write_json_atomic(sidecar, {

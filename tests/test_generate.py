@@ -16,7 +16,7 @@ SIZE = dict(height=32, width=48, frames=9)  # not square, so a swapped height/wi
 
 def hvctl_latents(model, **settings):
     r, model_dir = prepare(GenerateRecipe(model=model, prompt=PROMPT, dtype="float32", device="cpu", **SIZE, **settings))
-    return TextToVideo(model_dir, r, *resolve_device_dtype(r.device, r.dtype)).latents(r.seed)
+    return TextToVideo(model_dir, r, *resolve_device_dtype(r.device, r.dtype)).latents([r.seed])
 
 
 def diffusers_latents(model, *, seed, steps, shift, text_len, guidance_scale=1.0, negative_prompt=None, embedded=6.0):

@@ -19,6 +19,14 @@ class BucketConfig:
     aspect_buckets: list[tuple[int, int]] = field(default_factory=lambda: list(ASPECT_BUCKETS))  # (h, w)
     frame_buckets: list[int] = field(default_factory=lambda: list(DURATION_BUCKETS))
 
+    def admits(self, bucket, media=("image", "video")) -> bool:
+        """Whether a (h, w, frames) bucket, assigned elsewhere (e.g. at encode time), belongs to this
+        config; a list set to None admits any value."""
+        h, w, n = bucket
+        frames_ok = self.frame_buckets is None or n in self.frame_buckets
+        kind_ok = ("image" in media) if n == 1 else ("video" in media and frames_ok)
+        return kind_ok and (self.aspect_buckets is None or (h, w) in [tuple(b) for b in self.aspect_buckets])
+
 
 def assign_bucket(width, height, frames, cfg):
     """(h, w, frames) of the bucket for a clip, or None when a video is shorter than every frame bucket.

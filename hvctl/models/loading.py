@@ -115,9 +115,14 @@ class Components:
     scheduler_config: dict | None = None
 
 
-def load_component(folder: ModelFolder, name: str, *, dtype=None, device=None):
+def _component_type(folder: ModelFolder, name: str):
     library, class_name = folder.component_class(name)
-    cls = getattr(importlib.import_module(library), class_name)
+    return getattr(importlib.import_module(library), class_name)
+
+
+def load_component(folder: ModelFolder, name: str, *, dtype=None, device=None):
+    cls = _component_type(folder, name)
+    class_name = cls.__name__
     path = folder.path / name
     if not path.is_dir():
         raise HvctlError(f"{path}: component folder missing")
@@ -137,6 +142,11 @@ def load_component(folder: ModelFolder, name: str, *, dtype=None, device=None):
     if hasattr(component, "eval"):
         component.eval().requires_grad_(False)
     return component
+
+
+def component_from_config(folder: ModelFolder, name: str):
+    """A freshly initialised component (float32, torch's current RNG) from the folder's config alone."""
+    return _component_type(folder, name).from_config(folder.component_config(name))
 
 
 def load_components(path: str | Path, *, dtype=None, device=None, parts=("transformer", "vae", "text")) -> Components:

@@ -144,7 +144,8 @@ def build_components(preset: Preset, *, meta: bool = False, guidance_embeds: boo
     return components
 
 
-def write_model_folder(out: Path, components: dict, generation: dict, *, meta: bool, dtype=None, extra: dict | None = None):
+def write_model_folder(out: Path, components: dict, generation: dict, *, meta: bool, dtype=None, extra: dict | None = None,
+                       index: dict | None = None):
     """Write components as a diffusers model folder: into a temporary folder, then renamed."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -166,7 +167,7 @@ def write_model_folder(out: Path, components: dict, generation: dict, *, meta: b
                 if dtype is not None and dtype != component.dtype:
                     component.to(dtype)
                 component.save_pretrained(path, safe_serialization=True)
-        (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+        (tmp / "model_index.json").write_text(json.dumps(index or MODEL_INDEX, indent=2) + "\n")
         info = {"hvctl_version": __version__, "generation": generation, "weights": not meta, **(extra or {})}
         (tmp / "hvctl.json").write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():

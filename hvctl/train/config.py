@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from hvctl.toy.world import ASPECT_BUCKETS, DURATION_BUCKETS
 
 
 @dataclass
@@ -18,6 +17,7 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
     min_lr_ratio: float = 0.0  # the cosine/linear schedule's floor, as a share of lr
+    schedule_steps: int | None = None  # length of the decay; None: the run's steps (set it to stop a run early)
     grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping
     grad_accumulation: int = 1  # micro-batches per optimizer step
 
@@ -42,14 +42,18 @@ class DataConfig:
     image_ratio: float | None = None  # share of steps on image batches (None: even when both exist)
     empty_prompt_rate: float = 0.1  # text replaced by the empty prompt: what makes CFG work
     caption_variants: int = 4  # when encoding here
-    aspect_buckets: list[tuple[int, int]] = field(default_factory=lambda: list(ASPECT_BUCKETS))
-    frame_buckets: list[int] = field(default_factory=lambda: list(DURATION_BUCKETS))
+    # The stage's buckets: a cache's samples outside them are skipped; media is fitted to them.
+    # None: every bucket of the cache (the toy buckets when media is read here).
+    aspect_buckets: list[tuple[int, int]] | None = None
+    frame_buckets: list[int] | None = None
+    media: list[Literal["image", "video"]] = field(default_factory=lambda: ["image", "video"])  # what this stage trains on
     text_len: int | None = None  # None: the model's
 
 
 @dataclass
 class VaeLossConfig:
     kl_weight: float = 1e-6
+    mse_weight: float = 0.0  # squared error beside the official L1
     lpips_weight: float = 0.0  # official 0.1; needs local LPIPS weights (lpips_weights)
     lpips_weights: Path | None = None
     adversarial_weight: float = 0.0  # official 0.05 (a PatchGAN discriminator)
@@ -81,6 +85,8 @@ class TrainRecipe:
     model: Path | None = None  # the starting model folder (a previous stage's output)
     init_preset: str | None = None  # or a new model from a preset (`hvctl model init`)
     init_guidance_embeds: bool | None = None
+    trainable: list[str] | None = None  # parameter-name prefixes to train (e.g. [decoder]); None: all
+    reinit: bool = False  # train the target from a fresh init of its config in `model` (keeping the other components)
     out: Path | None = None  # the run folder: checkpoints, metrics, validation
     steps: int = 1000
     seed: int = 0
@@ -88,6 +94,7 @@ class TrainRecipe:
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0: no EMA; else exported weights are the EMA's
     device: str = "auto"
+    nproc: int = 1  # processes per node; > 1 launches torchrun (data parallel)
     log_every: int = 10
     tensorboard: bool = True  # when the tensorboard package is installed
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -95,6 +95,12 @@ class VaeObjective:
         kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()
         loss = l1 + cfg.kl_weight * kl
         logs = {"l1": l1.item(), "kl": kl.item()}
+        if cfg.mse_weight > 0:
+            # L1's gradient keeps full size on nearly right pixels (a flat background); the squared
+            # error's fades there, leaving the small objects' errors to drive the update.
+            mse = F.mse_loss(recon, x)
+            loss = loss + cfg.mse_weight * mse
+            logs["mse"] = mse.item()
         if self.lpips is not None:
             frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # noqa: E731  (B,C,T,H,W) -> (B*T,C,H,W)
             perceptual = self.lpips(frames(recon), frames(x)).mean()

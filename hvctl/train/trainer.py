@@ -7,6 +7,7 @@ and resumed reaches the very weights an uninterrupted run has.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -25,7 +26,8 @@ def lr_factor(step: int, r: TrainRecipe) -> float:
         return (step + 1) / o.warmup_steps
     if o.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - o.warmup_steps) / max(1, r.steps - o.warmup_steps))
+    total = o.schedule_steps or r.steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
 
@@ -54,29 +56,53 @@ class Trainer:
     def __init__(self, r: TrainRecipe, *, progress: bool | None = None):
         from hvctl.generate import resolve_device_dtype
         from hvctl.models.loading import load_component, ModelFolder, quiet_libraries
+        from hvctl.parallel import apply_data_parallel, init_distributed
 
         quiet_libraries()
         if r.out is None:
             raise HvctlError("train needs an output folder ('out' in the recipe or --out)")
-        self.r, self.progress = r, progress
+        self.r = r
         self.run = Path(r.out)
         self.run.mkdir(parents=True, exist_ok=True)
         self.device, _ = resolve_device_dtype(r.device, "float32")
+        self.ranks = init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.ranks.distributed:
+            self.device = torch.device("cuda", self.ranks.local_rank)
+        self.progress = progress if self.ranks.is_main else False
         self.component = "transformer" if r.target == "dit" else "vae"
         self.base_model = self._base_model()
         torch.manual_seed(r.seed)
-        self.model = load_component(ModelFolder.open(self.base_model), self.component, dtype=torch.float32, device=self.device)
+        folder = ModelFolder.open(self.base_model)
+        if r.reinit:  # stage 0: a new DiT beside pretrained VAE and text encoders
+            from hvctl.models.loading import component_from_config
+
+            self.model = component_from_config(folder, self.component).to(self.device)
+        else:
+            self.model = load_component(folder, self.component, dtype=torch.float32, device=self.device)
         self.model.train().requires_grad_(True)
+        if r.trainable is not None:
+            self._freeze_all_but(r.trainable)
         if r.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        self.model_class = type(self.model)  # data parallelism may swap the instance's class
+        apply_data_parallel(self.model, self.ranks)
         self.dataset, self.sampler, self.objective = self._data_and_objective()
         o = r.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, r))
         self.ema = EMA(self.model, r.ema_decay) if r.ema_decay > 0 else None
-        self.generator = torch.Generator().manual_seed(r.seed)
         self.step = 0
         self._resume()
+
+    def _freeze_all_but(self, prefixes: list[str]) -> None:
+        names = [name for name, _ in self.model.named_parameters()]
+        unknown = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
+        if unknown:
+            tops = sorted({n.split(".")[0] for n in names})
+            raise HvctlError(f"trainable: {', '.join(unknown)} names no parameters of the {self.component}; "
+                             f"its top-level parts: {', '.join(tops)}")
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(any(name == p or name.startswith(p + ".") for p in prefixes))
 
     def _base_model(self) -> Path:
         """The folder training starts from: the recipe's model, or one made from a preset in the run folder."""
@@ -86,9 +112,12 @@ class Trainer:
             return Path(self.r.model)
         if self.r.init_preset is None:
             raise HvctlError("train needs a starting model: 'model' (a model folder) or 'init_preset' (e.g. tiny)")
+        from hvctl.parallel import barrier
+
         base = self.run / "base-model"
-        if not (base / "model_index.json").is_file():
+        if self.ranks.is_main and not (base / "model_index.json").is_file():
             init_model(self.r.init_preset, base, guidance_embeds=self.r.init_guidance_embeds, seed=self.r.seed)
+        barrier(self.ranks)
         return base
 
     def _data_and_objective(self):
@@ -96,7 +125,11 @@ class Trainer:
         from hvctl.data.buckets import BucketConfig
 
         d = self.r.data
-        buckets = BucketConfig(aspect_buckets=[tuple(b) for b in d.aspect_buckets], frame_buckets=list(d.frame_buckets))
+        buckets = BucketConfig()
+        if d.aspect_buckets is not None:
+            buckets.aspect_buckets = [tuple(b) for b in d.aspect_buckets]
+        if d.frame_buckets is not None:
+            buckets.frame_buckets = list(d.frame_buckets)
         if self.r.target == "vae":
             from hvctl.data.media import MediaDataset
             from hvctl.train.objectives import VaeObjective
@@ -104,12 +137,14 @@ class Trainer:
             if d.manifest is None:
                 raise HvctlError("VAE training reads pixels: set data.manifest")
             dataset = MediaDataset(d.manifest, buckets, split=d.split)
+            if self.ranks.distributed and self.r.vae_loss.adversarial_weight > 0:
+                raise HvctlError("vae_loss.adversarial_weight > 0 trains on one process for now (run without --nproc)")
             objective = VaeObjective(self.r.vae_loss, self.device)
         else:
             from hvctl.cache import LatentCache
             from hvctl.train.objectives import FlowMatchingObjective
 
-            cache = Path(d.cache) if d.cache else self._encode_here()
+            cache = Path(d.cache) if d.cache else self._encode_here(buckets)
             ids = None
             if d.manifest is not None:
                 from hvctl.data.manifest import read_manifest
@@ -122,48 +157,72 @@ class Trainer:
             if not len(dataset):
                 raise HvctlError(f"{cache}: no cached samples" + (f" in split {d.split}" if d.split else ""))
             objective = FlowMatchingObjective(self.r.flow, dataset.empty_text(), d.empty_prompt_rate)
+        # A stage trains on its own buckets and media only (a cache may hold more).
+        stage = BucketConfig(aspect_buckets=d.aspect_buckets, frame_buckets=d.frame_buckets)
+        stage_buckets = {b: ix for b, ix in dataset.buckets.items() if stage.admits(b, d.media)}
         try:
-            sampler = BucketBatchSampler(dataset.buckets, d.batch_size, seed=self.r.seed, image_ratio=d.image_ratio)
+            sampler = BucketBatchSampler(stage_buckets, d.batch_size, seed=self.r.seed, image_ratio=d.image_ratio)
         except ValueError as e:
-            raise HvctlError(f"data: {e} (lower data.batch_size)") from None
+            held = ", ".join("x".join(map(str, b)) for b in sorted(stage_buckets)) or "none"
+            raise HvctlError(f"data: {e} among this stage's buckets ({held}); lower data.batch_size "
+                             "or widen data.aspect_buckets / frame_buckets / media") from None
         return dataset, sampler, objective
 
-    def _encode_here(self) -> Path:
+    def _encode_here(self, buckets) -> Path:
         """No cache given: encode the manifest into the run folder first (incremental, so cheap on resume)."""
         from hvctl.encode import EncodeRecipe, encode
 
         d = self.r.data
         if d.manifest is None:
             raise HvctlError("DiT training needs data.cache or data.manifest")
+        from hvctl.parallel import barrier
+
         cache = self.run / "cache"
-        encode(EncodeRecipe(manifest=d.manifest, model=self.base_model, out=cache, aspect_buckets=d.aspect_buckets,
-                            frame_buckets=d.frame_buckets, caption_variants=d.caption_variants, text_len=d.text_len,
-                            device=str(self.device), storage_dtype="float32"), progress=self.progress)
+        if self.ranks.is_main:
+            encode(EncodeRecipe(manifest=d.manifest, model=self.base_model, out=cache, aspect_buckets=buckets.aspect_buckets,
+                                frame_buckets=buckets.frame_buckets, caption_variants=d.caption_variants,
+                                text_len=d.text_len, device=str(self.device), storage_dtype="float32"),
+                   progress=self.progress)
+        barrier(self.ranks)
         return cache
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def next_batch(self) -> dict:
+    def next_micro_batch(self, accumulation_index: int) -> tuple[dict, torch.Generator]:
+        """This rank's share of the global micro-batch stream, and the generator of its randomness.
+
+        Every rank draws the whole stream and keeps micro-batch j = a*W + rank; the randomness of
+        micro-batch j at a step is seeded from (seed, step, j) alone, so resuming, and spreading
+        the same micro-batches over more ranks, changes nothing.
+        """
         from hvctl.data.batching import collate
 
-        indices = next(self.sampler)
+        for rank in range(self.ranks.world_size):
+            drawn = next(self.sampler)
+            if rank == self.ranks.rank:
+                indices = drawn
+        j = accumulation_index * self.ranks.world_size + self.ranks.rank
+        digest = hashlib.sha256(f"{self.r.seed}/{self.step}/{j}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         if self.r.target == "vae":
-            return collate([self.dataset[i] for i in indices])
+            return collate([self.dataset[i] for i in indices]), generator
         # A caption variant per sample: field dropout and permutation, precomputed by encode.
-        variants = torch.randint(0, 1 << 30, (len(indices),), generator=self.generator).tolist()
-        return collate([self.dataset.item(i, v) for i, v in zip(indices, variants)])
+        variants = torch.randint(0, 1 << 30, (len(indices),), generator=generator).tolist()
+        return collate([self.dataset.item(i, v) for i, v in zip(indices, variants)]), generator
 
     def train_step(self) -> dict:
+        from hvctl.parallel import mean_across_ranks
+
         r = self.r
         logs: dict[str, float] = {}
         autocast = torch.autocast(self.device.type, dtype=getattr(torch, r.precision), enabled=r.precision != "float32")
-        for _ in range(r.optim.grad_accumulation):
-            batch = self.next_batch()
+        for a in range(r.optim.grad_accumulation):
+            batch, generator = self.next_micro_batch(a)
             with autocast:
                 if r.target == "vae":
-                    loss, micro = self.objective(self.model, batch, self.generator, self.step)
+                    loss, micro = self.objective(self.model, batch, generator, self.step)
                 else:
-                    loss, micro = self.objective(self.model, batch, self.generator)
+                    loss, micro = self.objective(self.model, batch, generator)
             if not torch.isfinite(loss):
                 last = self.latest_checkpoint()
                 raise HvctlError(f"step {self.step + 1}: the loss is {loss.item()} (batch {batch['id']}); "
@@ -171,8 +230,10 @@ class Trainer:
             (loss / r.optim.grad_accumulation).backward()
             for k, v in micro.items():
                 logs[k] = logs.get(k, 0.0) + v / r.optim.grad_accumulation
+        logs = mean_across_ranks(logs, self.ranks)
         if r.optim.grad_clip is not None:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.optim.grad_clip))
+            trained = [p for p in self.model.parameters() if p.requires_grad]
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trained, r.optim.grad_clip))
         logs["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -183,12 +244,13 @@ class Trainer:
         return logs
 
     def train(self) -> dict:
+        from hvctl.parallel import barrier, shutdown
         from hvctl.progress import progress_bar
 
         r = self.r
-        metrics = MetricsLog(self.run, r.tensorboard)
+        metrics = MetricsLog(self.run, r.tensorboard) if self.ranks.is_main else None
         started, start_step = time.perf_counter(), self.step
-        samples_per_step = r.data.batch_size * r.optim.grad_accumulation
+        samples_per_step = r.data.batch_size * r.optim.grad_accumulation * self.ranks.world_size
         last_logs: dict = {}
         with progress_bar(r.steps, "training", enabled=self.progress) as advance:
             advance(self.step)
@@ -197,17 +259,24 @@ class Trainer:
                 logs = self.train_step()
                 logs["samples_per_s"] = samples_per_step / (time.perf_counter() - t0)
                 advance()
-                if self.step % r.log_every == 0 or self.step == r.steps:
+                if metrics and (self.step % r.log_every == 0 or self.step == r.steps):
                     metrics.write(self.step, logs)
                 if self.step % r.checkpoint.every == 0 or self.step == r.steps:
-                    self.save()
-                    if r.validation.every and self.step % r.validation.every == 0:
-                        self.validate()
+                    if self.ranks.is_main:
+                        self.save()
+                        if r.validation.every and self.step % r.validation.every == 0:
+                            self.validate()
+                    barrier(self.ranks)
                 last_logs = logs
-        metrics.close()
+        if metrics:
+            metrics.close()
+        shutdown(self.ranks)
+        if not self.ranks.is_main:
+            return None
         final = self.export()
         return {"run": str(self.run), "model": str(final), "steps": self.step, "resumed_from": start_step or None,
-                "seconds": round(time.perf_counter() - started, 2), "last": last_logs}
+                "processes": self.ranks.world_size, "seconds": round(time.perf_counter() - started, 2),
+                "last": last_logs}
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -218,22 +287,19 @@ class Trainer:
         return found[-1] if found else None
 
     def _export_module(self) -> torch.nn.Module:
-        """The module to save as the model: the EMA weights when EMA is on."""
+        """The module to save as the model: the EMA weights when EMA is on (in a fresh module:
+        the trained one may be wrapped for data parallelism)."""
         if self.ema is None:
             return self.model
-        import copy
-
-        module = copy.deepcopy(self.model)
-        with torch.no_grad():
-            for k, v in module.named_parameters():
-                if k in self.ema.shadow:
-                    v.copy_(self.ema.shadow[k])
+        state = {**self.model.state_dict(), **self.ema.shadow}
+        module = self.model_class.from_config(self.model.config)
+        module.load_state_dict(state)
         return module
 
     def save(self) -> Path:
         from hvctl.train.checkpoint import save_checkpoint
 
-        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        rng = {"torch": torch.get_rng_state()}
         trainer = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
                    "recipe": _recipe_dict(self.r)}
         return save_checkpoint(
@@ -258,7 +324,6 @@ class Trainer:
             self.objective.load_state_dict(state["optimizer"]["objective"])
         self.scheduler.load_state_dict(state["trainer"]["scheduler"])
         self.sampler.load_state_dict(state["trainer"]["sampler"])
-        self.generator.set_state(state["rng"]["generator"])
         torch.set_rng_state(state["rng"]["torch"])
         self.step = state["trainer"]["step"]
 
@@ -322,5 +387,6 @@ def _recipe_dict(r: TrainRecipe) -> dict:
     return recipe_to_dict(r)
 
 
-def train(r: TrainRecipe, *, progress: bool | None = None) -> dict:
+def train(r: TrainRecipe, *, progress: bool | None = None) -> dict | None:
+    """Run a train recipe; the result on rank 0 (None on the other ranks)."""
     return Trainer(r, progress=progress).train()

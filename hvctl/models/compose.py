@@ -1,0 +1,48 @@
+"""`hvctl model compose`: a new model folder from an existing one, with components taken from other
+folders (a finetuned VAE beside a trained DiT), weights cast to a storage dtype, and generation
+defaults set. Written to a temporary folder and renamed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hvctl.errors import HvctlError
+
+WEIGHTED = ("transformer", "vae", "text_encoder", "text_encoder_2")
+
+
+def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None, dtype: str | None = None,
+                  defaults: dict | None = None) -> Path:
+    import torch
+
+    from hvctl.models.loading import ModelFolder, load_component, quiet_libraries
+    from hvctl.models.presets import write_model_folder
+
+    quiet_libraries()
+    folder = ModelFolder.open(base)
+    take = take or {}
+    names = [n for n, entry in folder.index.items() if not n.startswith("_") and isinstance(entry, list) and entry[0]]
+    unknown = sorted(set(take) - set(names))
+    if unknown:
+        raise HvctlError(f"--take {', '.join(unknown)}: {base} has no such component; it has {', '.join(names)}")
+    components = {}
+    for name in names:
+        source = ModelFolder.open(take[name]) if name in take else folder
+        if source.component_class(name) != folder.component_class(name):
+            raise HvctlError(f"--take {name}={take[name]}: its {name} is {'.'.join(source.component_class(name))}, "
+                             f"the base's is {'.'.join(folder.component_class(name))}")
+        if name == "scheduler":
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            components[name] = FlowMatchEulerDiscreteScheduler.from_config(source.component_config(name))
+        else:
+            components[name] = load_component(source, name, dtype=torch.float32 if name in WEIGHTED else None)
+    generation = {k: v for k, v in folder.generation_defaults.items() if k != "guidance_embeds"}
+    unknown = sorted(set(defaults or {}) - set(generation))
+    if unknown:
+        raise HvctlError(f"--default {', '.join(unknown)}: not a generation setting; choose from {', '.join(sorted(generation))}")
+    generation.update(defaults or {})
+    extra = {k: v for k, v in folder.hvctl_info.items() if k not in ("generation", "weights", "hvctl_version")}
+    extra["composed_from"] = {"base": str(base), **{k: str(v) for k, v in take.items()}}
+    return write_model_folder(out, components, generation, meta=False, index=folder.index,
+                              dtype=getattr(torch, dtype) if dtype else None, extra=extra)
