@@ -120,3 +120,69 @@ def test_a_failing_rank_is_one_line(tiny_model, toy_cache, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: rank ")
+
+
+def test_a_stage_trains_on_its_own_buckets_and_media(tiny_model, toy_cache, tmp_path):
+    recipe = write_recipe(tmp_path / "e.yaml", tiny_model, toy_cache, tmp_path / "run")
+    images = Trainer(load_recipe(TrainRecipe, recipe, ["data.media=[image]"]), progress=False)
+    assert set(images.sampler.streams) == {"image"}
+    videos = Trainer(load_recipe(TrainRecipe, recipe, ["data.media=[video]", "data.frame_buckets=[9]"]), progress=False)
+    assert set(videos.sampler.streams) == {"video"}
+    assert all(b[2] == 9 for b in videos.sampler.streams["video"])
+    for wrong in ("data.aspect_buckets=[[64, 64]]", "data.frame_buckets=[5]"):  # the cache holds 32x32, 9 frames
+        with pytest.raises(HvctlError, match="among this stage's buckets"):
+            Trainer(load_recipe(TrainRecipe, recipe, ["data.media=[video]", wrong]), progress=False)
+
+
+def test_trainable_prefixes_freeze_the_rest(tiny_model, toy_cache, tmp_path):
+    recipe = write_recipe(tmp_path / "t.yaml", tiny_model, toy_cache, tmp_path / "run")
+    train(load_recipe(TrainRecipe, recipe, ["trainable=[proj_out, norm_out]", "steps=2", "ema_decay=0"]), progress=False)
+    start = load_file(str(tiny_model / "transformer" / "diffusion_pytorch_model.safetensors"))
+    trained = final_weights(tmp_path / "run")
+    changed = {k for k in start if not torch.equal(start[k], trained[k])}
+    assert changed and all(k.startswith(("proj_out.", "norm_out.")) for k in changed)
+    with pytest.raises(HvctlError, match="names no parameters"):
+        Trainer(load_recipe(TrainRecipe, recipe, ["trainable=[decoder]"]), progress=False)
+
+
+def test_reinit_starts_from_a_fresh_transformer(tiny_model, toy_cache, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, toy_cache, tmp_path / "run")
+    fresh = Trainer(load_recipe(TrainRecipe, recipe, ["reinit=true", "seed=11"]), progress=False).model.state_dict()
+    again = Trainer(load_recipe(TrainRecipe, recipe, ["reinit=true", "seed=11", f"out={tmp_path / 'run2'}"]),
+                    progress=False).model.state_dict()
+    start = load_file(str(tiny_model / "transformer" / "diffusion_pytorch_model.safetensors"))
+    key = "proj_out.weight"
+    assert torch.equal(fresh[key], again[key]) and not torch.equal(fresh[key], start[key])
+
+
+def test_schedule_steps_sets_the_decay_length():
+    from hvctl.train.trainer import lr_factor
+
+    r = TrainRecipe(steps=500)
+    r.optim.schedule, r.optim.warmup_steps = "linear", 0
+    assert lr_factor(250, r) == pytest.approx(0.5)
+    r.optim.schedule_steps = 1000  # a run stopped early keeps the longer schedule
+    assert lr_factor(250, r) == pytest.approx(0.75)
+
+
+def test_masked_text_padding_does_not_change_the_dit(tiny_model):
+    """The objective trims text padding to the batch's longest caption; that is exact only because
+    the DiT masks padded text tokens out of attention."""
+    from hvctl.models.loading import ModelFolder, load_component
+
+    dit = load_component(ModelFolder.open(tiny_model), "transformer", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 2, 4, 4, generator=g)
+    text = torch.randn(2, 40, 64, generator=g)
+    mask = torch.zeros(2, 40, dtype=torch.long)
+    mask[0, :9], mask[1, :13] = 1, 1
+    call = lambda states, m: dit(hidden_states=latents, timestep=torch.tensor([500.0, 200.0]),  # noqa: E731
+                                 encoder_hidden_states=states, encoder_attention_mask=m,
+                                 pooled_projections=torch.randn(2, 32, generator=torch.Generator().manual_seed(1)),
+                                 return_dict=False)[0]
+    with torch.no_grad():
+        padded, trimmed = call(text, mask), call(text[:, :13], mask[:, :13])
+    assert (padded - trimmed).abs().max() < 1e-5
+    with torch.no_grad():  # and the padding really is ignored: changing it changes nothing
+        text[:, 20:] = 100.0
+        assert (call(text, mask) - padded).abs().max() < 1e-5

@@ -38,6 +38,10 @@ class FlowMatchingObjective:
             e = self.empty_text
             text, mask, pooled = text.clone(), mask.clone(), pooled.clone()
             text[drop], mask[drop], pooled[drop] = e["text_states"].float(), e["text_mask"], e["pooled"].float()
+        # Padding is masked out of attention, so only the batch's longest text need be computed:
+        # toy captions fill a third of text_len, and the text tokens outnumber an image's.
+        longest = max(int(mask.sum(dim=1).max()), 1)
+        text, mask = text[:, :longest], mask[:, :longest]
         guidance = None
         if model.config.guidance_embeds:
             guidance = torch.full((n,), f.guidance * 1000.0, device=device)
