@@ -88,7 +88,8 @@ class Trainer:
         apply_data_parallel(self.model, self.ranks)
         self.dataset, self.sampler, self.objective = self._data_and_objective()
         o = r.optim
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, r))
         self.ema = EMA(self.model, r.ema_decay) if r.ema_decay > 0 else None
         self.step = 0
