@@ -186,3 +186,23 @@ def test_masked_text_padding_does_not_change_the_dit(tiny_model):
     with torch.no_grad():  # and the padding really is ignored: changing it changes nothing
         text[:, 20:] = 100.0
         assert (call(text, mask) - padded).abs().max() < 1e-5
+
+
+def test_vae_export_calibrates_the_latent_scale(tiny_model, tmp_path):
+    """With calibrate_scaling_factor the exported VAE's latents, times its scaling factor, have unit std."""
+    from hvctl.models.loading import ModelFolder, load_component
+    from hvctl.models.vae import encode_posterior
+    from hvctl.toy.world import render, sample_spec
+
+    data = tmp_path / "data"
+    render_dataset(data, videos=2, images=2, seed=2, split="train", sizes=[(32, 32)])
+    r = TrainRecipe(target="vae", model=tiny_model, out=tmp_path / "run", steps=1, calibrate_scaling_factor=True,
+                    tensorboard=False)
+    r.data.manifest, r.data.batch_size = data / "manifest.jsonl", 2
+    r.data.aspect_buckets, r.data.frame_buckets = [(32, 32)], [5]
+    train(r, progress=False)
+    vae = load_component(ModelFolder.open(tmp_path / "run" / "model"), "vae", dtype=torch.float32)
+    assert vae.config.scaling_factor != load_component(ModelFolder.open(tiny_model), "vae").config.scaling_factor
+    means = torch.cat([encode_posterior(vae, render(sample_spec(2, i, "train", "video", size=(32, 32), frames=5)))[0].flatten()
+                       for i in range(2)])
+    assert 0.7 < float(means.std()) < 1.4

@@ -86,6 +86,10 @@ class TrainRecipe:
     init_preset: str | None = None  # or a new model from a preset (`hvctl model init`)
     init_guidance_embeds: bool | None = None
     trainable: list[str] | None = None  # parameter-name prefixes to train (e.g. [decoder]); None: all
+    # VAE runs: the exported VAE's scaling_factor becomes 1/std of its latents on the training data
+    # (as Stable Diffusion set its own), so the DiT sees unit-variance latents. Off by default: it
+    # would break a pretrained DiT's match with a finetuned official VAE.
+    calibrate_scaling_factor: bool = False
     reinit: bool = False  # train the target from a fresh init of its config in `model` (keeping the other components)
     out: Path | None = None  # the run folder: checkpoints, metrics, validation
     steps: int = 1000

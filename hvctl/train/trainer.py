@@ -337,9 +337,27 @@ class Trainer:
         tmp = self.run / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(latest / "model", tmp)
+        if self.r.target == "vae" and self.r.calibrate_scaling_factor:
+            from hvctl.io import write_json_atomic
+
+            config_file = tmp / "vae" / "config.json"
+            config = json.loads(config_file.read_text())
+            config["scaling_factor"] = self.latent_scaling_factor(tmp)
+            write_json_atomic(config_file, config)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return final
+
+    @torch.no_grad()
+    def latent_scaling_factor(self, model_dir: Path, samples: int = 64) -> float:
+        """1 / std of the exported VAE's posterior means over (up to) `samples` training samples."""
+        from hvctl.models.loading import ModelFolder, load_component
+
+        vae = load_component(ModelFolder.open(model_dir), "vae", dtype=torch.float32, device=self.device)
+        step = max(1, len(self.dataset) // samples)
+        means = [vae.encode(self.dataset[i]["pixels"][None].to(self.device)).latent_dist.mean.flatten()
+                 for i in range(0, len(self.dataset), step)][:samples]
+        return round(1.0 / float(torch.cat(means).std()), 6)
 
     def validate(self) -> None:
         """Validation videos (DiT) from the newest checkpoint's model folder."""
