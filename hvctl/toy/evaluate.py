@@ -66,16 +66,13 @@ def psnr(reference: np.ndarray, test: np.ndarray) -> float:
 
 def vae_psnr(vae, n: int, seed: int, height: int, width: int, frames: int) -> dict:
     """Reconstruction PSNR (dB) of rendered eval videos through the VAE's posterior mean."""
-    import torch
-
     from hvctl.models.vae import decode_to_frames, encode_posterior
 
     scores = []
     for i in range(n):
         video = render(sample_spec(seed, i, "eval", "video", size=(height, width), frames=frames))
         mean, _ = encode_posterior(vae, video)
-        with torch.no_grad():
-            scores.append(psnr(video, decode_to_frames(vae, mean[None])[0].numpy()))
+        scores.append(psnr(video, decode_to_frames(vae, mean[None])[0].numpy()))
     return {"videos": n, "psnr": float(np.mean(scores)), "psnr_min": float(np.min(scores))}
 
 
