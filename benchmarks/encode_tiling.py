@@ -55,6 +55,7 @@ def peak_rss_mb() -> float:
 
 def run_case(args) -> None:
     """Child process: encode one video once warm, print one JSON line, save the latent mean."""
+    import numpy as np
     import torch
 
     from hvctl.models.loading import load_components
@@ -73,10 +74,10 @@ def run_case(args) -> None:
         mean, _std = encode_posterior(vae, frames)
         times.append(time.perf_counter() - start)
     peak = peak_rss_mb()
-    torch.save(mean, args.latents)
+    np.save(args.latents, mean.numpy())
     print(json.dumps({
         "seconds": statistics.median(times), "encode_peak_mb": peak - baseline,
-        "abs_peak_mb": peak, "latent_shape": list(mean.shape),
+        "abs_peak_mb": peak, "latent_shape": list(mean.shape), "threads": torch.get_num_threads(),
     }))
 
 
@@ -104,7 +105,8 @@ def main() -> None:
     if args.case:
         return run_case(args)
 
-    import torch
+    # The parent imports neither torch nor hvctl: a child's ru_maxrss starts at its parent's RSS.
+    import numpy as np
 
     sizes = [int(s) for s in args.sizes.split(",")]
     load = os.getloadavg()[0]  # other work on the box skews the times (not the memory)
@@ -113,8 +115,9 @@ def main() -> None:
         tmp = Path(tmp)
         model = args.model
         if model is None:
-            from hvctl.models.presets import init_model
-            model = init_model("tiny", tmp / "tiny", seed=0)
+            model = tmp / "tiny"
+            subprocess.run([sys.executable, "-c", "import sys; from hvctl.models.presets import init_model; "
+                            "init_model('tiny', sys.argv[1], seed=0)", str(model)], check=True)
         results = []
         for size in sizes:
             repeats = args.repeats or (1 if size >= 256 else 3)
@@ -122,18 +125,18 @@ def main() -> None:
             tiles = len(range(0, size, stride)) ** 2 if size > args.tile else 1  # per temporal chunk
             row = {"size": size, "frames": FRAMES, "repeats": repeats, "tile": args.tile, "tiles": tiles}
             for kind in ("untiled", "tiled"):
-                row[kind] = measure(model, size, kind == "tiled", args.tile, repeats, tmp / f"{kind}.pt")
-            untiled, tiled = torch.load(tmp / "untiled.pt"), torch.load(tmp / "tiled.pt")
+                row[kind] = measure(model, size, kind == "tiled", args.tile, repeats, tmp / f"{kind}.npy")
+            untiled, tiled = np.load(tmp / "untiled.npy"), np.load(tmp / "tiled.npy")
             row["time_ratio"] = row["tiled"]["seconds"] / row["untiled"]["seconds"]
             row["peak_ratio"] = row["tiled"]["encode_peak_mb"] / max(row["untiled"]["encode_peak_mb"], 1e-9)
-            row["rel_l2"] = ((tiled - untiled).norm() / untiled.norm()).item()
+            row["rel_l2"] = float(np.linalg.norm(tiled - untiled) / np.linalg.norm(untiled))
             results.append(row)
             print(f"  {size}px done", file=sys.stderr, flush=True)
     total = time.perf_counter() - started
 
     print(f"VAE encode of {FRAMES} frames, tile {args.tile} px (stride {args.tile * 3 // 4}), "
           f"model: {args.model or 'tiny (random init)'}")
-    print(f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+    print(f"{os.cpu_count()} CPUs, {results[0]['untiled']['threads']} torch threads, "
           f"load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end")
     print("peak = encode peak RSS over the pre-encode baseline (absolute process peak in brackets)")
     header = (f"{'size':>5} {'n':>2} {'tiles':>5} {'untiled s':>9} {'untiled peak MB':>16} "
