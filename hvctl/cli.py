@@ -23,9 +23,9 @@ app = typer.Typer(
 model_app = typer.Typer(help="Create and inspect model folders.", no_args_is_help=True)
 recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 toy_app = typer.Typer(help="The toy world: a synthetic dataset whose truth is known.", no_args_is_help=True)
+eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(recipe_app, name="recipe")
-eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 app.add_typer(eval_app, name="eval")
 

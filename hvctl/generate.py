@@ -132,13 +132,15 @@ class TextToVideo:
         negative = self.encode([self.r.negative_prompt] * len(prompts)) if self.r.guidance_scale > 1 else None
         return Conditions(self.encode(prompts), negative)
 
-    def latents(self, seeds: list[int], prompts: list[str] | None = None, on_step=None):
-        """Final latents (B, C, T', H', W') for prompts[i] (default: the recipe's prompt) from seeds[i]."""
+    def latents(self, seeds: list[int], conditions=None, on_step=None):
+        """Final latents (B, C, T', H', W'): video i from seeds[i], conditioned on row i of `conditions`
+        (self.conditions(prompts); default: the recipe's prompt for every video)."""
         import torch
 
         noise = torch.cat([torch.randn((1, *self.latent_shape), generator=torch.Generator("cpu").manual_seed(seed))
                            for seed in seeds])
-        conditions = self.conditions(prompts or [self.r.prompt] * len(seeds))
+        if conditions is None:
+            conditions = self.conditions([self.r.prompt] * len(seeds))
         return self.sampler(self.parts.transformer, noise.to(self.device), conditions, on_step=on_step)
 
     def frames(self, latents):
@@ -180,11 +182,12 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None) -> dict:
     model = {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}
     loaded = time.perf_counter()
 
+    conditions = t2v.conditions([r.prompt])  # encoded once for every video
     videos = []
     for i, path in enumerate(paths):
         seed, t0 = r.seed + i, time.perf_counter()
         with progress_bar(r.steps, f"video {i + 1}/{len(paths)}", enabled=progress) as advance:
-            frames = t2v.frames(t2v.latents([seed], on_step=lambda _: advance()))[0]
+            frames = t2v.frames(t2v.latents([seed], conditions, on_step=lambda _: advance()))[0]
         write_video(path, frames, fps=r.fps)
         sidecar = path.with_suffix(".json")
         write_json_atomic(sidecar, {

@@ -8,9 +8,6 @@ from pathlib import Path
 
 from hvctl.errors import HvctlError
 
-WEIGHTED = ("transformer", "vae", "text_encoder", "text_encoder_2")
-
-
 def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None, dtype: str | None = None,
                   defaults: dict | None = None) -> Path:
     import torch
@@ -36,7 +33,7 @@ def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None,
 
             components[name] = FlowMatchEulerDiscreteScheduler.from_config(source.component_config(name))
         else:
-            components[name] = load_component(source, name, dtype=torch.float32 if name in WEIGHTED else None)
+            components[name] = load_component(source, name, dtype=torch.float32)  # applies to weighted parts only
     generation = {k: v for k, v in folder.generation_defaults.items() if k != "guidance_embeds"}
     unknown = sorted(set(defaults or {}) - set(generation))
     if unknown:

@@ -102,7 +102,7 @@ def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
             for first in range(0, len(samples), s.batch_size):
                 batch = samples[first:first + s.batch_size]
                 seeds = [s.seed + first + j for j in range(len(batch))]
-                videos = t2v.frames(t2v.latents(seeds, [x.prompt() for x in batch]))
+                videos = t2v.frames(t2v.latents(seeds, t2v.conditions([x.prompt() for x in batch])))
                 for j, (sample, video) in enumerate(zip(batch, videos)):
                     measurements.append(_measure(sample, video))
                     if s.out is not None:
