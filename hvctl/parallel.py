@@ -110,4 +110,264 @@ def shutdown(ranks: Ranks) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()  # a rank leaving while another's collective threads still run can abort it
             dist.destroy_process_group()
+
+
+# -- sequence parallelism ---------------------------------------------------------------------
+#
+# HunyuanVideo's attention is joint: video tokens and text tokens attend to each other, with
+# the text's padding masked. Video tokens are sharded over the sequence-parallel ranks (ring
+# rank-major, Ulysses rank-minor); the short text stream is replicated on every rank. Ulysses
+# trades sequence shards for head shards with an all-to-all; ring attention then passes key and
+# value blocks around the ring, merging partial results by their log-sum-exp. The model's own
+# forward is untouched: hooks shard the patch embedding and the rotary table on the way in and
+# gather the output projection on the way out, and an attention processor does the rest.
+
+
+def _seq_to_heads(x, group):
+    """(B, N/U, H, d) sequence shard -> (B, N, H/U, d) head shard, over a Ulysses group of U ranks."""
+    import torch.distributed._functional_collectives as funcol
+
+    u = group.size()
+    b, n, h, d = x.shape
+    x = x.reshape(b, n, u, h // u, d).permute(2, 0, 1, 3, 4).contiguous()  # chunk j goes to rank j
+    x = funcol.wait_tensor(funcol.all_to_all_single_autograd(x, None, None, group))  # chunk j came from rank j
+    return x.permute(1, 0, 2, 3, 4).reshape(b, u * n, h // u, d)
+
+
+def _heads_to_seq(x, group):
+    """The inverse of _seq_to_heads: (B, N, H/U, d) -> (B, N/U, H, d)."""
+    import torch.distributed._functional_collectives as funcol
+
+    u = group.size()
+    b, n, h, d = x.shape
+    x = x.reshape(b, u, n // u, h, d).transpose(0, 1).contiguous()
+    x = funcol.wait_tensor(funcol.all_to_all_single_autograd(x, None, None, group))  # (U, B, N/U, H/U, d), heads of rank j
+    return x.permute(1, 2, 0, 3, 4).reshape(b, n // u, u * h, d)
+
+
+def _attention_block(q, k, v, key_mask=None):
+    """Attention of q (B, H, Nq, d) over one block of keys, with its log-sum-exp for merging."""
+    import torch
+
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if key_mask is not None:  # (B, Nk), True where a key may be attended
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return (scores - lse).exp() @ v, lse
+
+
+def _merge_blocks(out, lse, block_out, block_lse):
+    """Two partial attentions over disjoint key blocks -> the attention over both."""
+    import torch
+
+    if out is None:
+        return block_out, block_lse
+    merged = torch.logaddexp(lse, block_lse)
+    return out * (lse - merged).exp() + block_out * (block_lse - merged).exp(), merged
+
+
+def _ring_shift(x, group):
+    """Pass x to the next rank of the ring and take the previous rank's; gradients flow back."""
+    import torch
+
+    class RingShift(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return _send_receive(t, group, +1)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return _send_receive(grad, group, -1)
+
+    return RingShift.apply(x)
+
+
+def _send_receive(x, group, step: int):
+    import torch
+    import torch.distributed as dist
+
+    size, rank = group.size(), dist.get_rank(group)
+    x = x.contiguous()
+    received = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x, dist.get_global_rank(group, (rank + step) % size), group),
+           dist.P2POp(dist.irecv, received, dist.get_global_rank(group, (rank - step) % size), group)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+def joint_attention(video_qkv, text_qkv, text_mask, ulysses=None, ring=None):
+    """Attention of video and text queries over all video and (unpadded) text keys.
+
+    video_qkv: this rank's shard of the video queries, keys, values, each (B, N/S, H, d);
+    text_qkv: the whole text's, each (B, L, H, d); text_mask: (B, L) bool. Returns (video
+    output shard (B, N/S, H, d), text output (B, L, H, d)); with no groups, plain attention.
+    """
+    import torch
+    import torch.nn.functional as F
+    import torch.distributed._functional_collectives as funcol
+
+    length = text_qkv[0].shape[1]
+    if ulysses is not None and ulysses.size() > 1:
+        heads = text_qkv[0].shape[2] // ulysses.size()
+        rank = ulysses.rank()
+        video_qkv = [_seq_to_heads(t, ulysses) for t in video_qkv]
+        text_qkv = [t[:, :, rank * heads:(rank + 1) * heads] for t in text_qkv]
+    q, k, v = (torch.cat([a, b], dim=1).transpose(1, 2) for a, b in zip(video_qkv, text_qkv))  # (B, H, N + L, d)
+    video_len = q.shape[2] - length
+    if ring is None or ring.size() == 1:
+        mask = torch.cat([text_mask.new_ones(text_mask.shape[0], video_len), text_mask], dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    else:
+        out, lse = _attention_block(q, k[:, :, video_len:], v[:, :, video_len:], text_mask)
+        block_k, block_v = k[:, :, :video_len], v[:, :, :video_len]
+        for i in range(ring.size()):
+            out, lse = _merge_blocks(out, lse, *_attention_block(q, block_k, block_v))
+            if i < ring.size() - 1:
+                block_k, block_v = _ring_shift(block_k, ring), _ring_shift(block_v, ring)
+        out = out.to(q.dtype)
+    out = out.transpose(1, 2)  # (B, N + L, H, d)
+    video_out, text_out = out[:, :video_len], out[:, video_len:]
+    if ulysses is not None and ulysses.size() > 1:
+        video_out = _heads_to_seq(video_out, ulysses)
+        text_out = funcol.wait_tensor(funcol.all_gather_tensor_autograd(text_out.contiguous(), 2, ulysses))
+    return video_out, text_out
+
+
+class SequenceParallelAttnProcessor:
+    """HunyuanVideoAttnProcessor2_0's computation, with the attention itself over the sharded sequence."""
+
+    def __init__(self, ulysses, ring):
+        self.ulysses, self.ring = ulysses, ring
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        import torch
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        length = encoder_hidden_states.shape[1]
+        single_stream = attn.add_q_proj is None  # single-stream blocks project video and text together
+        joint = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single_stream else hidden_states
+        q, k, v = (proj(joint).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        if single_stream:
+            (q, text_q), (k, text_k), (v, text_v) = ((t[:, :-length], t[:, -length:]) for t in (q, k, v))
+        else:
+            text_q, text_k, text_v = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+                                      for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                text_q, text_k = attn.norm_added_q(text_q), attn.norm_added_k(text_k)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        text_mask = attention_mask[:, 0, 0, -length:] if attention_mask is not None else \
+            torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device)
+        video_out, text_out = joint_attention((q, k, v), (text_q, text_k, text_v), text_mask, self.ulysses, self.ring)
+        video_out, text_out = video_out.flatten(2, 3).to(q.dtype), text_out.flatten(2, 3).to(q.dtype)
+        if getattr(attn, "to_out", None) is not None:
+            video_out = attn.to_out[1](attn.to_out[0](video_out))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return video_out, text_out
+
+
+def _shard_sequence(x, group, dim: int):
+    """This rank's contiguous 1/S of x along dim."""
+    size = group.size()
+    if x.shape[dim] % size:
+        raise HvctlError(f"sequence parallelism over {size} ranks: {x.shape[dim]} video tokens do not split evenly; "
+                         f"choose frames/height/width so that the token count is a multiple of {size}")
+    return x.chunk(size, dim=dim)[group.rank()]
+
+
+def apply_sequence_parallel(transformer, mesh) -> None:
+    """Shard a HunyuanVideo transformer's video tokens over mesh's "ring" x "ulysses" ranks.
+
+    The model keeps its class, parameters and forward; every rank passes the whole input and
+    gets the whole output, so callers (the training objective, the sampler) do not change.
+    """
+    import torch.distributed._functional_collectives as funcol
+
+    ulysses, ring = mesh["ulysses"].get_group(), mesh["ring"].get_group()
+    if ulysses.size() * ring.size() == 1:
+        return
+    heads = transformer.config.num_attention_heads
+    if heads % ulysses.size():
+        raise HvctlError(f"Ulysses degree {ulysses.size()} must divide the model's {heads} attention heads")
+    sequence = mesh["ring", "ulysses"]._flatten("sequence").get_group()  # ring-major, as the shards are laid out
+    processor = SequenceParallelAttnProcessor(ulysses, ring)
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        block.attn.set_processor(processor)
+    transformer.x_embedder.register_forward_hook(lambda m, args, out: _shard_sequence(out, sequence, 1))
+    transformer.rope.register_forward_hook(lambda m, args, out: tuple(_shard_sequence(t, sequence, 0) for t in out))
+    transformer.proj_out.register_forward_hook(
+        lambda m, args, out: funcol.wait_tensor(funcol.all_gather_tensor_autograd(out.contiguous(), 1, sequence)))
+
+
+# -- the device mesh, FSDP, activation checkpointing and offload ------------------------------
+
+MESH_DIMS = ("data", "fsdp", "ring", "ulysses")
+
+
+def build_mesh(ranks: Ranks, device_type: str, *, fsdp: int = 1, ring: int = 1, ulysses: int = 1):
+    """The named DeviceMesh (data, fsdp, ring, ulysses); data takes the ranks the others leave."""
+    inner = fsdp * ring * ulysses
+    if min(fsdp, ring, ulysses) < 1 or ranks.world_size % inner:
+        raise HvctlError(f"fsdp {fsdp} x ring {ring} x ulysses {ulysses} = {inner} does not divide "
+                         f"the {ranks.world_size} processes")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (ranks.world_size // inner, fsdp, ring, ulysses), mesh_dim_names=MESH_DIMS)
+
+
+def data_rank(mesh) -> tuple[int, int]:
+    """(index, count) of this rank's data shard: ranks of one sequence-parallel group share a batch."""
+    data, fsdp = mesh["data"], mesh["fsdp"]
+    return data.get_local_rank() * fsdp.size() + fsdp.get_local_rank(), data.size() * fsdp.size()
+
+
+def _blocks(model):
+    """The repeated blocks of a DiT or VAE: the units of sharding and checkpointing."""
+    if hasattr(model, "transformer_blocks"):
+        return [*model.transformer_blocks, *model.single_transformer_blocks]
+    return [*model.encoder.down_blocks, model.encoder.mid_block, model.decoder.mid_block, *model.decoder.up_blocks]
+
+
+def apply_fsdp(model, mesh, *, param_dtype=None, reduce_dtype=None, cpu_offload: bool = False) -> None:
+    """FSDP2 per block, then the root. Parameters are sharded over fsdp x ring x ulysses (the
+    sequence-parallel ranks hold the same parameters) and replicated over data; gradients are
+    averaged over every rank, which is what makes sequence-parallel gradients whole."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh["fsdp", "ring", "ulysses"]._flatten("shard")
+    dp_mesh = mesh["data", "shard"]
+    policy = dict(mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+                  offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    for block in _blocks(model):
+        fully_shard(block, mesh=dp_mesh, **policy)
+    fully_shard(model, mesh=dp_mesh, **policy)
+
+
+def apply_activation_checkpointing(model, every: int = 1, offload: bool = False) -> None:
+    """Recompute every `every`-th block's activations in the backward pass instead of keeping
+    them; with offload, keep the other blocks' activations in (pinned) CPU memory instead.
+
+    Each block's forward is wrapped in place, so the module tree and its state_dict keys stay
+    the diffusers model's own, and FSDP's hooks (on the block's call) stay outside the recompute.
+    """
+    import functools
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def offloaded(forward, *args, **kwargs):
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return forward(*args, **kwargs)
+
+    for i, block in enumerate(_blocks(model)):
+        if every and i % every == 0:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        elif offload:
+            block.forward = functools.partial(offloaded, block.forward)
