@@ -126,6 +126,8 @@ def train(
     nnodes: int = typer.Option(1, "--nnodes", help="Nodes; each runs this same command."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0 (multi-node)."),
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Run id shared by the nodes (multi-node)."),
+    max_restarts: Optional[int] = typer.Option(None, "--max-restarts",
+                                               help="Restart failed processes this many times, from the last checkpoint."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
 ):
@@ -134,13 +136,14 @@ def train(
     from hvctl.recipe import load_recipe
     from hvctl.train.config import TrainRecipe
 
-    config = load_recipe(TrainRecipe, recipe, overrides or (), values=dict(out=out, steps=steps, device=device, nproc=nproc))
+    config = load_recipe(TrainRecipe, recipe, overrides or (), values=dict(out=out, steps=steps, device=device, nproc=nproc,
+                                                                           max_restarts=max_restarts))
     if config.nproc < 1 or nnodes < 1:
         raise HvctlError(f"--nproc {config.nproc}, --nnodes {nnodes}: both must be at least 1")
     if (config.nproc > 1 or nnodes > 1) and not under_torchrun():
         from hvctl.parallel import launch
 
-        launch(_without_launch_options(sys.argv[1:]), config.nproc, nnodes, rdzv_endpoint, rdzv_id)
+        launch(_without_launch_options(sys.argv[1:]), config.nproc, nnodes, rdzv_endpoint, rdzv_id, config.max_restarts)
         return
     from hvctl.train.trainer import train as run_train
 
@@ -149,7 +152,7 @@ def train(
         emit(result, as_json, f"trained {result['steps']} steps on {result['processes']} process(es); model: {result['model']}")
 
 
-LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-id")
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-id", "--max-restarts")
 
 
 def _without_launch_options(argv: list[str]) -> list[str]:

@@ -1,10 +1,10 @@
 """Parallelism in one place: launching torchrun, the process group, and data parallelism
 applied to a plain model from outside.
 
-The training loop stays free of parallel code: it asks this module which rank it is, wraps the
-model once with `apply_data_parallel`, and reduces its logged metrics with `mean_across_ranks`.
-Data-parallel training of W processes with gradient accumulation A equals one process with
-accumulation A*W: rank r takes the micro-batches r, r+W, r+2W, ... of the one global stream.
+The training loop stays free of parallel code: it asks this module which rank it is, hands the
+plain model to `parallelize` once, and reduces its logged metrics with `mean_across_ranks`.
+Data-parallel training of D data shards with gradient accumulation A equals one process with
+accumulation A*D: shard d takes the micro-batches d, d+D, d+2D, ... of the one global stream.
 """
 
 from __future__ import annotations
@@ -33,16 +33,26 @@ class Ranks:
 
 
 def under_torchrun() -> bool:
+    """Started as one of several processes: by torchrun, or by SLURM's srun (one task per process,
+    whose variables are mapped to torch's here)."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        if "MASTER_ADDR" not in os.environ:
+            raise HvctlError("under srun with several tasks, set MASTER_ADDR to node 0's address (and MASTER_PORT), e.g. "
+                             "export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -1)")
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_PORT", "29500")
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
-           rdzv_id: str | None = None) -> None:
+           rdzv_id: str | None = None, max_restarts: int = 0) -> None:
     """Run `python -m hvctl *argv` under torchrun's elastic agent, `nproc` processes per node.
 
     One node: a private rendezvous on localhost. Several: the c10d rendezvous at rdzv_endpoint
     (host:port of node 0), which every node joins with the same rdzv_id. A failed rank stops the
-    others; the failure is one line here, the rank's own message is above it.
+    others; with max_restarts, all are started again (and resume from the last checkpoint);
+    a final failure is one line here, the rank's own message is above it.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -51,8 +61,11 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
         raise HvctlError(f"--nnodes {nnodes}: multi-node runs need --rdzv-endpoint HOST:PORT (node 0's address)")
     config = LaunchConfig(
         min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc, run_id=rdzv_id or f"hvctl-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=rdzv_endpoint or "localhost:0", max_restarts=0, monitor_interval=0.5,
+        rdzv_backend="c10d", rdzv_endpoint=rdzv_endpoint or "localhost:0", max_restarts=max_restarts, monitor_interval=0.5,
     )
+    # Rank 0 of each attempt hosts its own store: the agent's shared one keeps the dead attempt's
+    # addresses, and restarted ranks would dial them.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "hvctl", *argv)
     except ChildFailedError as e:
@@ -74,16 +87,6 @@ def init_distributed(device_type: str) -> Ranks:
             torch.cuda.set_device(ranks.local_rank)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return ranks
-
-
-def apply_data_parallel(model, ranks: Ranks):
-    """Replicate the model over the ranks: identical start, gradients averaged after backward.
-    The module keeps its class, config and state_dict keys."""
-    if not ranks.distributed:
-        return model
-    from torch.distributed._composable.replicate import replicate
-
-    return replicate(model)
 
 
 def mean_across_ranks(values: dict[str, float], ranks: Ranks) -> dict[str, float]:
@@ -371,3 +374,35 @@ def apply_activation_checkpointing(model, every: int = 1, offload: bool = False)
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         elif offload:
             block.forward = functools.partial(offloaded, block.forward)
+
+
+def parallelize(model, ranks: Ranks, device_type: str, cfg, *, param_dtype=None):
+    """Apply a recipe's `parallel:` settings (hvctl.train.config.ParallelConfig) to a plain model.
+
+    Returns the mesh (None for one process). Sequence parallelism applies to a DiT; sharded or
+    sequence-parallel runs go through FSDP2, plain data parallelism through `replicate`. Every
+    way, gradients are averaged over all ranks and the module keeps its class and state_dict keys.
+    """
+    if cfg.activation_checkpointing or cfg.activation_offload:
+        apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.activation_offload)
+    sharded = cfg.fsdp * cfg.ring * cfg.ulysses > 1
+    if not ranks.distributed:
+        if sharded:
+            raise HvctlError(f"parallel: fsdp {cfg.fsdp}, ulysses {cfg.ulysses}, ring {cfg.ring} need that many "
+                             "processes (--nproc)")
+        return None
+    mesh = build_mesh(ranks, device_type, fsdp=cfg.fsdp, ring=cfg.ring, ulysses=cfg.ulysses)
+    if cfg.ring * cfg.ulysses > 1:
+        if not hasattr(model, "transformer_blocks"):
+            raise HvctlError("parallel.ulysses/ring: sequence parallelism applies to the DiT, not the VAE")
+        apply_sequence_parallel(model, mesh)
+    if sharded:
+        import torch
+
+        apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
+                   cpu_offload=cfg.cpu_offload)
+    else:
+        from torch.distributed._composable.replicate import replicate
+
+        replicate(model)
+    return mesh

@@ -95,23 +95,37 @@ def test_train_recipe_errors(tiny_model, toy_cache, tmp_path):
         Trainer(r)
 
 
-def test_two_processes_equal_one_with_twice_the_accumulation(tiny_model, toy_cache, tmp_path):
-    """torchrun (gloo, 2 ranks, accumulation 1) takes the same micro-batches and randomness as one
-    process accumulating 2, so it reaches the same weights."""
-    single = tmp_path / "single"
-    assert run_cli("train", write_recipe(tmp_path / "s.yaml", tiny_model, toy_cache, single)).returncode == 0
+@pytest.fixture(scope="module")
+def single_process_run(tiny_model, toy_cache, tmp_path_factory):
+    """4 steps in one process, accumulating 2 micro-batches a step."""
+    root = tmp_path_factory.mktemp("single")
+    assert run_cli("train", write_recipe(root / "s.yaml", tiny_model, toy_cache, root / "run")).returncode == 0
+    return root / "run"
+
+
+@pytest.mark.parametrize("settings", [
+    ["optim.grad_accumulation=1"],  # data parallel: rank r takes micro-batch r
+    ["optim.grad_accumulation=1", "parallel.fsdp=2"],  # sharded: still one micro-batch per rank
+    ["parallel.ulysses=2"],  # sequence parallel: both ranks take the same micro-batches
+    ["parallel.ring=2"],
+], ids=["data", "fsdp", "ulysses", "ring"])
+def test_two_processes_reach_the_single_process_weights(settings, single_process_run, tiny_model, toy_cache, tmp_path):
+    """torchrun (gloo, 2 ranks) sees the same micro-batches and randomness as one process, so each
+    parallel mode reaches the same weights and logs the same loss curve."""
     double = tmp_path / "double"
     recipe = write_recipe(tmp_path / "d.yaml", tiny_model, toy_cache, double)
-    result = run_cli("train", recipe, "--nproc", "2", "--set", "optim.grad_accumulation=1", "--json")
+    result = run_cli("train", recipe, "--nproc", "2", *[a for s in settings for a in ("--set", s)], "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # printed once, by rank 0
     assert report["processes"] == 2 and report["steps"] == 4
-    a, b = final_weights(single), final_weights(double)
+    a, b = final_weights(single_process_run), final_weights(double)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     start = load_file(str(tiny_model / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4, "training changed the weights"
-    logged = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
+    curve = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    single, logged = curve(single_process_run), curve(double)
     assert [m["step"] for m in logged] == [1, 2, 3, 4]  # one writer
+    assert all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(single, logged))
 
 
 def test_a_failing_rank_is_one_line(tiny_model, toy_cache, tmp_path):
@@ -206,3 +220,55 @@ def test_vae_export_calibrates_the_latent_scale(tiny_model, tmp_path):
     means = torch.cat([encode_posterior(vae, render(sample_spec(2, i, "train", "video", size=(32, 32), frames=5)))[0].flatten()
                        for i in range(2)])
     assert 0.7 < float(means.std()) < 1.4
+
+
+def test_a_sharded_run_resumes_on_another_process_count(single_process_run, tiny_model, toy_cache, tmp_path):
+    """Checkpoints hold each rank's shards (torch.distributed.checkpoint): 2 FSDP ranks stop at
+    step 2, one process resumes, and the weights are those of the uninterrupted run."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, toy_cache, run)
+    first = run_cli("train", recipe, "--steps", 2, "--nproc", "2", "--set", "parallel.fsdp=2",
+                    "--set", "optim.grad_accumulation=1")
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in (run / "checkpoints" / "step-00000002" / "state" / "sharded").iterdir())[:2] == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    second = run_cli("train", recipe, "--json")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["resumed_from"] == 2
+    a, b = final_weights(single_process_run), final_weights(run)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_a_killed_rank_restarts_from_the_last_checkpoint(tiny_model, toy_cache, tmp_path):
+    """kill -9 one of 2 FSDP ranks once the first checkpoint exists: with --max-restarts both are
+    started again, resume from the last checkpoint, and end with the uninterrupted run's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = ["--set", "parallel.fsdp=2", "--set", "optim.grad_accumulation=1", "--set", "steps=12",
+                "--set", "checkpoint.every=2", "--set", "checkpoint.keep_last=2"]
+    straight = tmp_path / "straight"
+    done = run_cli("train", write_recipe(tmp_path / "a.yaml", tiny_model, toy_cache, straight), "--nproc", "2", *settings)
+    assert done.returncode == 0, done.stderr
+
+    run = tmp_path / "killed"
+    recipe = write_recipe(tmp_path / "b.yaml", tiny_model, toy_cache, run)
+    agent = subprocess.Popen([sys.executable, "-m", "hvctl", "train", str(recipe), "--nproc", "2", "--max-restarts", "1",
+                              "--json", *settings], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "CI": "1"})
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step-00000002").exists():
+        assert time.time() < deadline and agent.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    out, err = agent.communicate(timeout=240)
+    assert agent.returncode == 0, err[-2000:]
+    report = json.loads(out)
+    assert report["steps"] == 12 and report["resumed_from"] is not None  # the restarted ranks resumed
+    a, b = final_weights(straight), final_weights(run)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

@@ -105,6 +105,31 @@ PRESETS = {
 }
 
 
+def _toy_preset() -> Preset:
+    """The toy world's trained default: tiny, with a VAE that compresses 4x in space, not 8x.
+
+    At 8x, an 8x8-pixel latent cell must hold a 7-11 px object's colour, shape and sub-pixel
+    edges; the tiny VAE learned the flat backgrounds and stalled near 22 dB PSNR with the objects
+    blurred away. At 4x it passes 28 dB in the same steps. The DiT patches 4x4 latents so that a
+    64x64 frame is still 4x4 tokens.
+    """
+    tiny = PRESETS["tiny"]
+    return Preset(
+        name="toy",
+        description="tiny, with a 4x spatial VAE and 4x4 DiT patches; the trained embedded default's configuration",
+        transformer=dict(tiny.transformer, patch_size=4),
+        vae=dict(tiny.vae, spatial_compression_ratio=4, block_out_channels=(16, 32, 64),
+                 down_block_types=("HunyuanVideoDownBlock3D",) * 3, up_block_types=("HunyuanVideoUpBlock3D",) * 3),
+        text_encoder=tiny.text_encoder,
+        text_encoder_2=tiny.text_encoder_2,
+        scheduler=dict(tiny.scheduler),
+        generation=dict(tiny.generation),
+    )
+
+
+PRESETS["toy"] = _toy_preset()
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise HvctlError(f"unknown preset '{name}' (choices: {', '.join(PRESETS)})")

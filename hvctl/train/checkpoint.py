@@ -3,11 +3,13 @@
     RUN/checkpoints/step-00000500/
         model/                  a complete model folder (`hvctl generate` and diffusers load it);
                                 the trained component holds the EMA weights when EMA is on
-        state/weights.safetensors   the raw trained weights
-        state/ema.safetensors       the EMA weights (float32), when EMA is on
-        state/optimizer.pt          optimizer (and objective) state; loaded with weights_only=True
-        state/rng.safetensors       the trainer's generator and torch's global RNG
-        state/trainer.json          step, data position, LR schedule
+        state/sharded/          trained weights, optimizer state and EMA weights, written by
+                                torch.distributed.checkpoint: each rank its own shards, as
+                                safetensors with the sharding in their headers (no pickle), so
+                                a run resumes on any number of processes
+        state/objective.pt      the VAE discriminator's state, if any; loaded with weights_only=True
+        state/rng.safetensors   torch's global RNG
+        state/trainer.json      step, data position, LR schedule
 
 A checkpoint is written under a temporary name and renamed when complete, so a crash while saving
 never leaves one that loads wrong; only the newest `keep_last` are kept.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,38 +61,62 @@ def copy_model_folder(base: Path, out: Path, replace: str) -> None:
             shutil.copy2(src, dst)
 
 
-def save_checkpoint(run: Path, step: int, *, base_model: Path, component: str, export_module, weights: dict,
-                    ema: dict | None, optimizer_state: dict, rng: dict, trainer: dict, keep_last: int) -> Path:
+def save_checkpoint(run: Path, step: int, *, ranks, tensors: dict, write_main, keep_last: int) -> Path:
+    """Every rank writes its shards of `tensors` (torch.distributed.checkpoint, as safetensors);
+    rank 0 then calls write_main(folder) for the model folder and the small files, and renames."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    from hvctl.parallel import barrier
+
     final = checkpoint_dir(run) / f"{PREFIX}{step:08d}"
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "state").mkdir(parents=True)
+    tmp = final.with_name(f".{final.name}.tmp")  # one name that every rank (and node) agrees on
+    if ranks.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "state").mkdir(parents=True)
+    barrier(ranks)
     try:
-        copy_model_folder(base_model, tmp / "model", component)
-        export_module.save_pretrained(tmp / "model" / component, safe_serialization=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "state" / "weights.safetensors"))
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "state" / "ema.safetensors"))
-        torch.save(optimizer_state, tmp / "state" / "optimizer.pt")
-        save_file(rng, str(tmp / "state" / "rng.safetensors"))
-        (tmp / "state" / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
+        with warnings.catch_warnings():  # one process: DCP warns that it is one process
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / "state" / "sharded"),
+                                                                      save_distributed=ranks.distributed),
+                     no_dist=not ranks.distributed)
+        if ranks.is_main:
+            write_main(tmp)
+        barrier(ranks)
+    except BaseException:
+        if ranks.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if ranks.is_main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(run)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        for old in list_checkpoints(run)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: Path) -> dict:
+def write_state_files(folder: Path, *, rng: dict, trainer: dict, objective: dict | None) -> None:
+    state = folder / "state"
+    save_file(rng, str(state / "rng.safetensors"))
+    if objective:
+        torch.save(objective, state / "objective.pt")
+    (state / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
+
+
+def load_checkpoint(path: Path, tensors: dict, distributed: bool) -> dict:
+    """Load the shards into `tensors` (in place: the live model's, optimizer's and EMA's own
+    tensors, sharded as they are now) and return the small files."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
     state = Path(path) / "state"
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(state / "sharded")), no_dist=not distributed)
         return {
-            "weights": load_file(str(state / "weights.safetensors")),
-            "ema": load_file(str(state / "ema.safetensors")) if (state / "ema.safetensors").exists() else None,
-            "optimizer": torch.load(state / "optimizer.pt", weights_only=True),
+            "objective": torch.load(state / "objective.pt", weights_only=True) if (state / "objective.pt").exists() else {},
             "rng": load_file(str(state / "rng.safetensors")),
             "trainer": json.loads((state / "trainer.json").read_text()),
         }

@@ -64,6 +64,19 @@ class VaeLossConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is spread over the processes (hvctl/parallel.py); data parallelism takes the
+    processes these leave. Each needs its product to divide the process count."""
+
+    fsdp: int = 1  # shard parameters, gradients and optimizer state over this many ranks (FSDP2)
+    ulysses: int = 1  # sequence parallelism (DiT): all-to-all from sequence shards to head shards
+    ring: int = 1  # sequence parallelism (DiT): key/value blocks passed around a ring
+    cpu_offload: bool = False  # FSDP keeps parameters, gradients and optimizer state in CPU memory
+    activation_checkpointing: int = 0  # recompute every k-th block's activations in backward (1: all; 0: none)
+    activation_offload: bool = False  # keep the other blocks' activations in CPU memory
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 500
     keep_last: int = 3
@@ -95,10 +108,10 @@ class TrainRecipe:
     steps: int = 1000
     seed: int = 0
     precision: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype of the forward pass
-    gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0: no EMA; else exported weights are the EMA's
     device: str = "auto"
-    nproc: int = 1  # processes per node; > 1 launches torchrun (data parallel)
+    nproc: int = 1  # processes per node; > 1 launches torchrun
+    max_restarts: int = 0  # restart failed processes this many times; each restart resumes from the last checkpoint
     log_every: int = 10
     tensorboard: bool = True  # when the tensorboard package is installed
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -106,4 +119,5 @@ class TrainRecipe:
     data: DataConfig = field(default_factory=DataConfig)
     vae_loss: VaeLossConfig = field(default_factory=VaeLossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

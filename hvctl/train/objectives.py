@@ -17,12 +17,13 @@ from hvctl.flow import add_noise, loss_weights, sample_training_sigmas, timestep
 class FlowMatchingObjective:
     """Velocity regression on noised latents sampled from the cached VAE posterior."""
 
-    def __init__(self, flow, empty_text: dict | None, empty_prompt_rate: float, stratum=None):
+    def __init__(self, flow, empty_text: dict | None, empty_prompt_rate: float):
         if empty_prompt_rate > 0 and empty_text is None:
             raise HvctlError("empty_prompt_rate > 0 needs the empty prompt's text states in the cache (re-run hvctl encode)")
-        self.flow, self.empty_text, self.empty_prompt_rate, self.stratum = flow, empty_text, empty_prompt_rate, stratum
+        self.flow, self.empty_text, self.empty_prompt_rate = flow, empty_text, empty_prompt_rate
 
-    def __call__(self, model, batch: dict, generator: torch.Generator):
+    def __call__(self, model, batch: dict, generator: torch.Generator, *, step: int = 0, stratum=None):
+        """stratum (j, n): this is micro-batch j of the n that make one optimizer step."""
         device = next(model.parameters()).device
         mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
         n = mean.shape[0]
@@ -31,7 +32,7 @@ class FlowMatchingObjective:
         f = self.flow
         sigma = sample_training_sigmas(n, f.timestep_sampling, generator=generator, shift=f.shift,
                                        logit_mean=f.logit_mean, logit_std=f.logit_std,
-                                       stratum=self.stratum if f.stratified else None)
+                                       stratum=stratum if f.stratified else None)
         text, mask, pooled = batch["text_states"].float(), batch["text_mask"], batch["pooled"].float()
         drop = torch.rand(n, generator=generator) < self.empty_prompt_rate
         if drop.any():
@@ -83,7 +84,7 @@ class VaeObjective:
             self.discriminator = PatchDiscriminator3D().to(device)
             self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=cfg.discriminator_lr, betas=(0.5, 0.9))
 
-    def __call__(self, vae, batch: dict, generator: torch.Generator, step: int = 0):
+    def __call__(self, vae, batch: dict, generator: torch.Generator, *, step: int = 0, stratum=None):
         from hvctl.models.vae import configure_tiling
 
         cfg = self.cfg

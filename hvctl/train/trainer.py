@@ -56,7 +56,7 @@ class Trainer:
     def __init__(self, r: TrainRecipe, *, progress: bool | None = None):
         from hvctl.generate import resolve_device_dtype
         from hvctl.models.loading import load_component, ModelFolder, quiet_libraries
-        from hvctl.parallel import apply_data_parallel, init_distributed
+        from hvctl.parallel import data_rank, init_distributed, parallelize
 
         quiet_libraries()
         if r.out is None:
@@ -82,10 +82,11 @@ class Trainer:
         self.model.train().requires_grad_(True)
         if r.trainable is not None:
             self._freeze_all_but(r.trainable)
-        if r.gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
-        self.model_class = type(self.model)  # data parallelism may swap the instance's class
-        apply_data_parallel(self.model, self.ranks)
+        self.model_class = type(self.model)  # FSDP and replicate swap the instance's class
+        self.mesh = parallelize(self.model, self.ranks, self.device.type, r.parallel,
+                                param_dtype=None if r.precision == "float32" else getattr(torch, r.precision))
+        # The data shard: ranks of one sequence-parallel group read the same micro-batches.
+        self.data_index, self.data_count = data_rank(self.mesh) if self.mesh is not None else (0, 1)
         self.dataset, self.sampler, self.objective = self._data_and_objective()
         o = r.optim
         trained = [p for p in self.model.parameters() if p.requires_grad]
@@ -189,27 +190,28 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def next_micro_batch(self, accumulation_index: int) -> tuple[dict, torch.Generator]:
+    def next_micro_batch(self, accumulation_index: int) -> tuple[dict, torch.Generator, tuple[int, int]]:
         """This rank's share of the global micro-batch stream, and the generator of its randomness.
 
-        Every rank draws the whole stream and keeps micro-batch j = a*W + rank; the randomness of
-        micro-batch j at a step is seeded from (seed, step, j) alone, so resuming, and spreading
-        the same micro-batches over more ranks, changes nothing.
+        Every rank draws the whole stream and keeps micro-batch j = a*D + d (data shard d of D); the
+        randomness of micro-batch j at a step is seeded from (seed, step, j) alone, so resuming,
+        and spreading the same micro-batches over more ranks, changes nothing.
         """
         from hvctl.data.batching import collate
 
-        for rank in range(self.ranks.world_size):
+        for shard in range(self.data_count):
             drawn = next(self.sampler)
-            if rank == self.ranks.rank:
+            if shard == self.data_index:
                 indices = drawn
-        j = accumulation_index * self.ranks.world_size + self.ranks.rank
+        j = accumulation_index * self.data_count + self.data_index
         digest = hashlib.sha256(f"{self.r.seed}/{self.step}/{j}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        stratum = (j, self.r.optim.grad_accumulation * self.data_count)
         if self.r.target == "vae":
-            return collate([self.dataset[i] for i in indices]), generator
+            return collate([self.dataset[i] for i in indices]), generator, stratum
         # A caption variant per sample: field dropout and permutation, precomputed by encode.
         variants = torch.randint(0, 1 << 30, (len(indices),), generator=generator).tolist()
-        return collate([self.dataset.item(i, v) for i, v in zip(indices, variants)]), generator
+        return collate([self.dataset.item(i, v) for i, v in zip(indices, variants)]), generator, stratum
 
     def train_step(self) -> dict:
         from hvctl.parallel import mean_across_ranks
@@ -218,12 +220,9 @@ class Trainer:
         logs: dict[str, float] = {}
         autocast = torch.autocast(self.device.type, dtype=getattr(torch, r.precision), enabled=r.precision != "float32")
         for a in range(r.optim.grad_accumulation):
-            batch, generator = self.next_micro_batch(a)
+            batch, generator, stratum = self.next_micro_batch(a)
             with autocast:
-                if r.target == "vae":
-                    loss, micro = self.objective(self.model, batch, generator, self.step)
-                else:
-                    loss, micro = self.objective(self.model, batch, generator)
+                loss, micro = self.objective(self.model, batch, generator, step=self.step, stratum=stratum)
             if not torch.isfinite(loss):
                 last = self.latest_checkpoint()
                 raise HvctlError(f"step {self.step + 1}: the loss is {loss.item()} (batch {batch['id']}); "
@@ -234,7 +233,8 @@ class Trainer:
         logs = mean_across_ranks(logs, self.ranks)
         if r.optim.grad_clip is not None:
             trained = [p for p in self.model.parameters() if p.requires_grad]
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trained, r.optim.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(trained, r.optim.grad_clip)
+            logs["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         logs["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -251,7 +251,7 @@ class Trainer:
         r = self.r
         metrics = MetricsLog(self.run, r.tensorboard) if self.ranks.is_main else None
         started, start_step = time.perf_counter(), self.step
-        samples_per_step = r.data.batch_size * r.optim.grad_accumulation * self.ranks.world_size
+        samples_per_step = r.data.batch_size * r.optim.grad_accumulation * self.data_count
         last_logs: dict = {}
         with progress_bar(r.steps, "training", enabled=self.progress) as advance:
             advance(self.step)
@@ -263,10 +263,9 @@ class Trainer:
                 if metrics and (self.step % r.log_every == 0 or self.step == r.steps):
                     metrics.write(self.step, logs)
                 if self.step % r.checkpoint.every == 0 or self.step == r.steps:
-                    if self.ranks.is_main:
-                        self.save()
-                        if r.validation.every and self.step % r.validation.every == 0:
-                            self.validate()
+                    self.save()  # every rank writes its shards
+                    if self.ranks.is_main and r.validation.every and self.step % r.validation.every == 0:
+                        self.validate()
                     barrier(self.ranks)
                 last_logs = logs
         if metrics:
@@ -287,42 +286,69 @@ class Trainer:
         found = list_checkpoints(self.run)
         return found[-1] if found else None
 
-    def _export_module(self) -> torch.nn.Module:
-        """The module to save as the model: the EMA weights when EMA is on (in a fresh module:
-        the trained one may be wrapped for data parallelism)."""
-        if self.ema is None:
-            return self.model
-        state = {**self.model.state_dict(), **self.ema.shadow}
+    def _state_tensors(self) -> dict:
+        """Trained weights, optimizer state and EMA weights as one flat dict of (possibly sharded)
+        tensors: what a checkpoint saves and a resume loads into, in place."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+        self._optimizer_settings = {k: v for k, v in optimizer.items() if not isinstance(v, torch.Tensor)}
+        tensors = {**{f"model/{k}": v for k, v in model.items()},
+                   **{f"optimizer/{k}": v for k, v in optimizer.items() if isinstance(v, torch.Tensor)}}
+        if self.ema is not None:
+            tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        return tensors
+
+    def _export_module(self) -> torch.nn.Module | None:
+        """On rank 0, a fresh module holding the full weights to save as the model (the EMA's
+        when EMA is on); None elsewhere. Every rank must call it: sharded weights are gathered."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.ema is not None:
+            state.update({k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.ema.shadow.items()})
+        if not self.ranks.is_main:
+            return None
         module = self.model_class.from_config(self.model.config)
         module.load_state_dict(state)
         return module
 
     def save(self) -> Path:
-        from hvctl.train.checkpoint import save_checkpoint
+        from hvctl.train.checkpoint import copy_model_folder, save_checkpoint, write_state_files
 
-        rng = {"torch": torch.get_rng_state()}
-        trainer = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
-                   "recipe": _recipe_dict(self.r)}
-        return save_checkpoint(
-            self.run, self.step, base_model=self.base_model, component=self.component, export_module=self._export_module(),
-            weights=self.model.state_dict(), ema=self.ema.state_dict() if self.ema else None,
-            optimizer_state={"optimizer": self.optimizer.state_dict(), "objective": getattr(self.objective, "state_dict", dict)()},
-            rng=rng, trainer=trainer, keep_last=self.r.checkpoint.keep_last,
-        )
+        module = self._export_module()
+
+        def write_main(folder: Path) -> None:
+            copy_model_folder(self.base_model, folder / "model", self.component)
+            module.save_pretrained(folder / "model" / self.component, safe_serialization=True)
+            trainer = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
+                       "optimizer": self._optimizer_settings, "recipe": _recipe_dict(self.r)}
+            write_state_files(folder, rng={"torch": torch.get_rng_state()}, trainer=trainer,
+                              objective=getattr(self.objective, "state_dict", dict)())
+
+        return save_checkpoint(self.run, self.step, ranks=self.ranks, tensors=self._state_tensors(),
+                               write_main=write_main, keep_last=self.r.checkpoint.keep_last)
 
     def _resume(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
         from hvctl.train.checkpoint import load_checkpoint
 
         latest = self.latest_checkpoint()
         if latest is None:
             return
-        state = load_checkpoint(latest)
-        self.model.load_state_dict(state["weights"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"]["optimizer"])
+        tensors = self._state_tensors()
+        state = load_checkpoint(latest, tensors, self.ranks.distributed)
+        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        # The param groups' settings (the current lr among them) come back from JSON.
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in state["trainer"]["optimizer"].items()}
+        set_state_dict(self.model, self.optimizer, model_state_dict=part("model/"),
+                       optim_state_dict={**settings, **part("optimizer/")},
+                       options=StateDictOptions(flatten_optimizer_state_dict=True))
+        if self.ema is not None:
+            self.ema.load_state_dict(part("ema/"))
         if hasattr(self.objective, "load_state_dict"):
-            self.objective.load_state_dict(state["optimizer"]["objective"])
+            self.objective.load_state_dict(state["objective"])
         self.scheduler.load_state_dict(state["trainer"]["scheduler"])
         self.sampler.load_state_dict(state["trainer"]["sampler"])
         torch.set_rng_state(state["rng"]["torch"])
