@@ -72,6 +72,8 @@ def generate(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
     vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="Decode in spatial tiles. Default: when a frame exceeds the tile."),
     text_len: Optional[int] = typer.Option(None, "--text-len", help="Maximum prompt length in LLM tokens."),
+    ulysses_degree: Optional[int] = typer.Option(None, "--ulysses-degree", help="Sequence parallelism: Ulysses processes."),
+    ring_degree: Optional[int] = typer.Option(None, "--ring-degree", help="Sequence parallelism: ring-attention processes."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML generate recipe; flags override it."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
@@ -84,10 +86,20 @@ def generate(
         prompt=prompt, model=model, height=height, width=width, frames=frames, steps=steps, seed=seed,
         guidance_scale=guidance_scale, embedded_guidance=embedded_guidance, flow_shift=flow_shift,
         negative_prompt=negative_prompt, num_videos=num_videos, fps=fps, output=output, dtype=dtype,
-        device=device, vae_tiling=vae_tiling, text_len=text_len,
+        device=device, vae_tiling=vae_tiling, text_len=text_len, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
     )
     config = load_recipe(GenerateRecipe, recipe, overrides or (), values=flags)
+    processes = config.ulysses_degree * config.ring_degree
+    from hvctl.parallel import under_torchrun
+
+    if processes > 1 and not under_torchrun():
+        from hvctl.parallel import launch
+
+        launch(sys.argv[1:], processes)  # each process runs this same command; rank 0 writes
+        return
     result = run_generate(config, progress=None if not as_json else False)
+    if result is None:  # not rank 0
+        return
     emit(result, as_json, "\n".join(f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]))
 
 

@@ -44,6 +44,8 @@ class GenerateRecipe:
     device: str = "auto"
     vae_tiling: bool | None = None  # None: tile frames larger than vae_tile_size
     vae_tile_size: int = 256
+    ulysses_degree: int = 1  # sequence-parallel inference over ulysses_degree x ring_degree processes
+    ring_degree: int = 1
 
 
 def resolve(recipe: GenerateRecipe, defaults: dict) -> GenerateRecipe:
@@ -59,7 +61,7 @@ def resolve(recipe: GenerateRecipe, defaults: dict) -> GenerateRecipe:
         value = getattr(r, name)
         if value <= 0 or value % 16:
             raise HvctlError(f"--{name} must be a positive multiple of 16, got {value}")
-    for name in ("steps", "num_videos", "fps", "text_len", "vae_tile_size"):
+    for name in ("steps", "num_videos", "fps", "text_len", "vae_tile_size", "ulysses_degree", "ring_degree"):
         if getattr(r, name) < 1:
             raise HvctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(r, name)}")
     if r.guidance_scale < 1:
@@ -168,17 +170,27 @@ def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
     return r, model_dir
 
 
-def generate(recipe: GenerateRecipe, *, progress: bool | None = None) -> dict:
-    """Run a generate recipe; returns the JSON-able result (videos, sidecars, settings, timings)."""
+def generate(recipe: GenerateRecipe, *, progress: bool | None = None) -> dict | None:
+    """Run a generate recipe; returns the JSON-able result (videos, sidecars, settings, timings).
+    Sequence-parallel: every rank samples, rank 0 writes and returns; the others return None."""
     from hvctl.io import write_json_atomic
     from hvctl.models.loading import folder_fingerprint
     from hvctl.progress import progress_bar
     from hvctl.video import write_video
 
+    from hvctl.parallel import sequence_parallel_inference
+
     started = time.perf_counter()
     r, model_dir = prepare(recipe)
+    device, dtype = resolve_device_dtype(r.device, r.dtype)
+    parallel = sequence_parallel_inference(r.ulysses_degree, r.ring_degree, device)
+    if parallel is not None:
+        device, r.seed = parallel.device, parallel.agree(r.seed)  # a random seed: rank 0's
     paths = output_paths(r)
-    t2v = TextToVideo(model_dir, r, *resolve_device_dtype(r.device, r.dtype))
+    t2v = TextToVideo(model_dir, r, device, dtype)
+    if parallel is not None:
+        parallel.apply(t2v.parts.transformer)
+    main = parallel is None or parallel.ranks.is_main
     model = {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}
     loaded = time.perf_counter()
 
@@ -186,8 +198,11 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None) -> dict:
     videos = []
     for i, path in enumerate(paths):
         seed, t0 = r.seed + i, time.perf_counter()
-        with progress_bar(r.steps, f"video {i + 1}/{len(paths)}", enabled=progress) as advance:
-            frames = t2v.frames(t2v.latents([seed], conditions, on_step=lambda _: advance()))[0]
+        with progress_bar(r.steps, f"video {i + 1}/{len(paths)}", enabled=progress if main else False) as advance:
+            latents = t2v.latents([seed], conditions, on_step=lambda _: advance())
+        if not main:  # rank 0 alone decodes and writes
+            continue
+        frames = t2v.frames(latents)[0]
         write_video(path, frames, fps=r.fps)
         sidecar = path.with_suffix(".json")
         write_json_atomic(sidecar, {
@@ -203,6 +218,10 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None) -> dict:
             "seconds": round(time.perf_counter() - t0, 3),
         })
         videos.append({"path": str(path), "sidecar": str(sidecar), "seed": seed})
+    if parallel is not None:
+        parallel.close()
+    if not main:
+        return None
     return {
         "videos": videos,
         "settings": _settings_dict(r),

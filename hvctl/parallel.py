@@ -406,3 +406,41 @@ def parallelize(model, ranks: Ranks, device_type: str, cfg, *, param_dtype=None)
 
         replicate(model)
     return mesh
+
+
+class SequenceParallelInference:
+    """One process of a sequence-parallel generation: its rank, device and mesh."""
+
+    def __init__(self, ulysses: int, ring: int, device):
+        import torch
+
+        self.ranks = init_distributed(device.type)
+        if self.ranks.world_size != ulysses * ring:
+            raise HvctlError(f"--ulysses-degree {ulysses} x --ring-degree {ring} needs {ulysses * ring} processes, "
+                             f"this run has {self.ranks.world_size}")
+        self.device = torch.device("cuda", self.ranks.local_rank) if device.type == "cuda" else device
+        self.mesh = build_mesh(self.ranks, device.type, ring=ring, ulysses=ulysses)
+
+    def agree(self, value):
+        """Rank 0's value on every rank (a seed drawn at random, say)."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def apply(self, transformer) -> None:
+        apply_sequence_parallel(transformer, self.mesh)
+
+    def close(self) -> None:
+        shutdown(self.ranks)
+
+
+def sequence_parallel_inference(ulysses: int, ring: int, device) -> SequenceParallelInference | None:
+    """None when the degrees ask for one process; else this process's part (run under torchrun)."""
+    if ulysses * ring == 1:
+        return None
+    if not under_torchrun():
+        raise HvctlError(f"sequence-parallel generation runs under torchrun with {ulysses * ring} processes "
+                         "(`hvctl generate` starts them itself)")
+    return SequenceParallelInference(ulysses, ring, device)
