@@ -444,3 +444,28 @@ def sequence_parallel_inference(ulysses: int, ring: int, device) -> SequencePara
         raise HvctlError(f"sequence-parallel generation runs under torchrun with {ulysses * ring} processes "
                          "(`hvctl generate` starts them itself)")
     return SequenceParallelInference(ulysses, ring, device)
+
+
+# -- runtime-balanced batching (Seaweed) ------------------------------------------------------
+
+
+def sequence_cost(tokens: int, hidden: int) -> float:
+    """Relative compute of one sample of `tokens` tokens through a transformer of width `hidden`:
+    the projections and MLP cost ~24*n*D^2 FLOPs per layer, attention ~4*n^2*D."""
+    return tokens * (1 + tokens / (6 * hidden))
+
+
+def balance_micro_batches(costs: list[float], shards: int, per_shard: int) -> list[int]:
+    """The data shard of each micro-batch: `per_shard` each, with the shards' summed costs as even
+    as greedy allows (largest first, to the least loaded shard with room).
+
+    Gradients are synchronised once a step, so a step takes as long as its slowest shard; with
+    mixed buckets (images beside 129-frame videos) a fixed assignment leaves the others idle.
+    """
+    loads, counts, owners = [0.0] * shards, [0] * shards, [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        shard = min((s for s in range(shards) if counts[s] < per_shard), key=lambda s: (loads[s], s))
+        owners[j] = shard
+        loads[shard] += costs[j]
+        counts[shard] += 1
+    return owners

@@ -59,3 +59,16 @@ def test_sequence_parallel_generate_writes_once_and_equals_one_process(tiny_mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "one.mp4", "sp.json", "sp.mp4"]
     (one, _), (sp, _) = read_video(tmp_path / "one.mp4"), read_video(tmp_path / "sp.mp4")
     assert (one == sp).all()  # Ulysses attends head by head exactly as one process does
+
+
+def test_balancing_evens_the_shards_compute_with_equal_counts():
+    from hvctl.parallel import balance_micro_batches, sequence_cost
+
+    # A step of 4 micro-batches over 2 shards: long videos and images, alternating in the stream.
+    costs = [sequence_cost(n, 128) for n in (4096, 16, 4096, 16)]
+    owners = balance_micro_batches(costs, shards=2, per_shard=2)
+    assert sorted(owners) == [0, 0, 1, 1]
+    load = [sum(c for c, o in zip(costs, owners) if o == s) for s in (0, 1)]
+    fixed = [sum(costs[s::2]) for s in (0, 1)]  # j = a*D + d: both videos on shard 0
+    assert max(load) == min(load) and max(fixed) > 1.9 * max(load)
+    assert sequence_cost(2048, 128) > 2 * sequence_cost(1024, 128)  # attention is quadratic

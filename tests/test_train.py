@@ -108,7 +108,8 @@ def single_process_run(tiny_model, toy_cache, tmp_path_factory):
     ["optim.grad_accumulation=1", "parallel.fsdp=2"],  # sharded: still one micro-batch per rank
     ["parallel.ulysses=2"],  # sequence parallel: both ranks take the same micro-batches
     ["parallel.ring=2"],
-], ids=["data", "fsdp", "ulysses", "ring"])
+    ["optim.grad_accumulation=1", "parallel.balance=true"],  # micro-batches handed out by estimated cost
+], ids=["data", "fsdp", "ulysses", "ring", "balanced"])
 def test_two_processes_reach_the_single_process_weights(settings, single_process_run, tiny_model, toy_cache, tmp_path):
     """torchrun (gloo, 2 ranks) sees the same micro-batches and randomness as one process, so each
     parallel mode reaches the same weights and logs the same loss curve."""

@@ -74,6 +74,9 @@ class ParallelConfig:
     cpu_offload: bool = False  # FSDP keeps parameters, gradients and optimizer state in CPU memory
     activation_checkpointing: int = 0  # recompute every k-th block's activations in backward (1: all; 0: none)
     activation_offload: bool = False  # keep the other blocks' activations in CPU memory
+    # Seaweed's runtime balancing: hand each data shard the step's micro-batches that even out
+    # their estimated compute (sequence length, attention quadratic), not a fixed share.
+    balance: bool = False
 
 
 @dataclass

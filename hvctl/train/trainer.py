@@ -88,6 +88,8 @@ class Trainer:
         # The data shard: ranks of one sequence-parallel group read the same micro-batches.
         self.data_index, self.data_count = data_rank(self.mesh) if self.mesh is not None else (0, 1)
         self.dataset, self.sampler, self.objective = self._data_and_objective()
+        self.bucket_of = {i: bucket for bucket, ix in self.dataset.buckets.items() for i in ix}
+        self.vae_config = folder.component_config("vae") if r.target == "dit" else {}
         o = r.optim
         trained = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trained, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -190,20 +192,42 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def next_micro_batch(self, accumulation_index: int) -> tuple[dict, torch.Generator, tuple[int, int]]:
-        """This rank's share of the global micro-batch stream, and the generator of its randomness.
+    def step_micro_batches(self) -> list[tuple[list[int], int]]:
+        """This rank's micro-batches of the coming step: (sample indices, j) pairs.
 
-        Every rank draws the whole stream and keeps micro-batch j = a*D + d (data shard d of D); the
-        randomness of micro-batch j at a step is seeded from (seed, step, j) alone, so resuming,
-        and spreading the same micro-batches over more ranks, changes nothing.
+        Every rank draws the step's A*D micro-batches of the one global stream (A accumulation
+        steps, D data shards). Data shard d keeps j = a*D + d, or, with parallel.balance, the A
+        that balance the shards' estimated compute; either way each micro-batch's randomness is
+        seeded from (seed, step, j) alone, so resuming, and spreading the same micro-batches
+        over more ranks, changes nothing.
         """
+        from hvctl.parallel import balance_micro_batches
+
+        per_shard, shards = self.r.optim.grad_accumulation, self.data_count
+        drawn = [next(self.sampler) for _ in range(per_shard * shards)]
+        if self.r.parallel.balance and shards > 1:
+            owners = balance_micro_batches([self.batch_cost(ix) for ix in drawn], shards, per_shard)
+        else:
+            owners = [j % shards for j in range(len(drawn))]
+        return [(ix, j) for j, ix in enumerate(drawn) if owners[j] == self.data_index]
+
+    def batch_cost(self, indices: list[int]) -> float:
+        """Estimated compute of a micro-batch (all its samples share one bucket)."""
+        from hvctl.parallel import sequence_cost
+
+        height, width, frames = self.bucket_of[indices[0]]
+        if self.r.target == "vae":  # convolutions: linear in the pixels
+            return len(indices) * height * width * frames
+        vae, dit = self.vae_config, self.model.config
+        tokens = ((frames - 1) // vae.get("temporal_compression_ratio", 4) + 1) // dit.patch_size_t * \
+            (height // vae.get("spatial_compression_ratio", 8) // dit.patch_size) * \
+            (width // vae.get("spatial_compression_ratio", 8) // dit.patch_size)
+        return len(indices) * sequence_cost(tokens, dit.num_attention_heads * dit.attention_head_dim)
+
+    def micro_batch(self, indices: list[int], j: int) -> tuple[dict, torch.Generator, tuple[int, int]]:
+        """Micro-batch j of the step: its samples, the generator of its randomness, its stratum."""
         from hvctl.data.batching import collate
 
-        for shard in range(self.data_count):
-            drawn = next(self.sampler)
-            if shard == self.data_index:
-                indices = drawn
-        j = accumulation_index * self.data_count + self.data_index
         digest = hashlib.sha256(f"{self.r.seed}/{self.step}/{j}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         stratum = (j, self.r.optim.grad_accumulation * self.data_count)
@@ -219,8 +243,8 @@ class Trainer:
         r = self.r
         logs: dict[str, float] = {}
         autocast = torch.autocast(self.device.type, dtype=getattr(torch, r.precision), enabled=r.precision != "float32")
-        for a in range(r.optim.grad_accumulation):
-            batch, generator, stratum = self.next_micro_batch(a)
+        for indices, j in self.step_micro_batches():
+            batch, generator, stratum = self.micro_batch(indices, j)
             with autocast:
                 loss, micro = self.objective(self.model, batch, generator, step=self.step, stratum=stratum)
             if not torch.isfinite(loss):
