@@ -66,6 +66,8 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
     # Rank 0 of each attempt hosts its own store: the agent's shared one keeps the dead attempt's
     # addresses, and restarted ranks would dial them.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # The processes share the node's cores: more torch threads than cores make every step crawl.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "hvctl", *argv)
     except ChildFailedError as e:

@@ -1,5 +1,5 @@
 """Run under torchrun (2 processes, gloo): a parallel mode's forward and backward of the tiny DiT
-against the same model in one process. Prints one JSON line per rank with the largest errors.
+against the same model in one process. Rank 0 prints one JSON line per rank with its largest errors.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/distributed/equivalence.py MODE
 MODE: ulysses, ring, fsdp (2 processes), hybrid (Ulysses 2 x ring 2: 4 processes).
@@ -66,7 +66,10 @@ def main(mode: str) -> None:
         grad = param.grad.full_tensor()
         errors["grad"] = max(errors["grad"], float((grad - ref_grads[name].grad).abs().max()))
         errors["grad_scale"] = max(errors["grad_scale"], float(ref_grads[name].grad.abs().max()))
-    print(json.dumps({"rank": ranks.rank, "mode": mode, **errors}), flush=True)
+    reports = [None] * ranks.world_size
+    dist.all_gather_object(reports, {"rank": ranks.rank, "mode": mode, **errors})
+    if ranks.is_main:  # one writer: lines printed by several processes can interleave
+        print("\n".join(json.dumps(r) for r in reports), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
