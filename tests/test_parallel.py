@@ -72,3 +72,23 @@ def test_balancing_evens_the_shards_compute_with_equal_counts():
     fixed = [sum(costs[s::2]) for s in (0, 1)]  # j = a*D + d: both videos on shard 0
     assert max(load) == min(load) and max(fixed) > 1.9 * max(load)
     assert sequence_cost(2048, 128) > 2 * sequence_cost(1024, 128)  # attention is quadratic
+
+
+def test_an_srun_task_becomes_a_torch_rank(monkeypatch):
+    from hvctl.errors import HvctlError
+    from hvctl.parallel import under_torchrun
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that what under_torchrun sets is undone after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not under_torchrun()  # one task: one process
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_PROCID", "9")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    with pytest.raises(HvctlError, match="MASTER_ADDR"):
+        under_torchrun()
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    assert under_torchrun()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["MASTER_PORT"]) == \
+        ("9", "16", "1", "29500")

@@ -273,3 +273,28 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint(tiny_model, toy_cache, 
     assert report["steps"] == 12 and report["resumed_from"] is not None  # the restarted ranks resumed
     a, b = final_weights(straight), final_weights(run)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.parametrize("settings", [["parallel.activation_checkpointing=1"],
+                                      ["parallel.activation_checkpointing=2", "parallel.activation_offload=true"]],
+                         ids=["checkpointing", "every-2nd+offload"])
+def test_activation_checkpointing_and_offload_change_no_weight(settings, single_process_run, tiny_model, toy_cache,
+                                                               tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", write_recipe(tmp_path / "c.yaml", tiny_model, toy_cache, run),
+                     *[a for s in settings for a in ("--set", s)])
+    assert result.returncode == 0, result.stderr
+    a, b = final_weights(single_process_run), final_weights(run)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_activation_checkpointing_wraps_the_chosen_blocks_in_place():
+    from hvctl.models.presets import build_components, get_preset
+    from hvctl.parallel import _blocks, apply_activation_checkpointing
+
+    model = build_components(get_preset("tiny"))["transformer"]
+    keys = list(model.state_dict())
+    apply_activation_checkpointing(model, every=2, offload=True)
+    wrapped = [getattr(b.forward, "func", None).__name__ for b in _blocks(model)]
+    assert wrapped == ["checkpoint", "offloaded", "checkpoint", "offloaded"]
+    assert list(model.state_dict()) == keys  # diffusers' keys: the export stays a diffusers folder
