@@ -346,8 +346,12 @@ def apply_fsdp(model, mesh, *, param_dtype=None, reduce_dtype=None, cpu_offload:
     averaged over every rank, which is what makes sequence-parallel gradients whole."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    import warnings
+
     mesh["fsdp", "ring", "ulysses"]._flatten("shard")
-    dp_mesh = mesh["data", "shard"]
+    with warnings.catch_warnings():  # torch's notice about slicing flattened dims; torchtitan does the same
+        warnings.simplefilter("ignore", UserWarning)
+        dp_mesh = mesh["data", "shard"]
     policy = dict(mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
                   offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for block in _blocks(model):
@@ -388,6 +392,9 @@ def parallelize(model, ranks: Ranks, device_type: str, cfg, *, param_dtype=None)
     if cfg.activation_checkpointing or cfg.activation_offload:
         apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.activation_offload)
     sharded = cfg.fsdp * cfg.ring * cfg.ulysses > 1
+    if cfg.cpu_offload and device_type == "cpu":
+        raise HvctlError("parallel.cpu_offload moves FSDP's parameters and optimizer state from the GPU to CPU memory; "
+                         "this run is on the CPU already: set it to false")
     if not ranks.distributed:
         if sharded:
             raise HvctlError(f"parallel: fsdp {cfg.fsdp}, ulysses {cfg.ulysses}, ring {cfg.ring} need that many "

@@ -93,6 +93,10 @@ def test_train_recipe_errors(tiny_model, toy_cache, tmp_path):
     r = TrainRecipe(model=tiny_model, out=tmp_path / "x")
     with pytest.raises(HvctlError, match="data.cache or data.manifest"):
         Trainer(r)
+    recipe = write_recipe(tmp_path / "p.yaml", tiny_model, toy_cache, tmp_path / "p")
+    for setting, message in [("parallel.fsdp=2", "need that many processes"), ("parallel.cpu_offload=true", "on the CPU already")]:
+        result = run_cli("train", recipe, "--set", setting)
+        assert result.returncode == 1 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, setting
 
 
 @pytest.fixture(scope="module")
