@@ -1,5 +1,7 @@
-"""Parallelism in one place: launching torchrun, the process group, and data parallelism
-applied to a plain model from outside.
+"""Parallelism in one place: launching torchrun (or joining srun), the process group, the named
+DeviceMesh, and what is applied to a plain model from outside: data parallelism, FSDP2,
+Ulysses and ring sequence parallelism, activation checkpointing and offload, and the balancing
+of micro-batches over data shards.
 
 The training loop stays free of parallel code: it asks this module which rank it is, hands the
 plain model to `parallelize` once, and reduces its logged metrics with `mean_across_ranks`.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+import warnings
 from dataclasses import dataclass
 
 from hvctl.errors import HvctlError
@@ -159,7 +162,8 @@ def _attention_block(q, k, v, key_mask=None):
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if key_mask is not None:  # (B, Nk), True where a key may be attended
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    # A row with every key masked gets weight 0 in the merge instead of NaN.
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True).clamp_min(-1e30)
     return (scores - lse).exp() @ v, lse
 
 
@@ -167,8 +171,6 @@ def _merge_blocks(out, lse, block_out, block_lse):
     """Two partial attentions over disjoint key blocks -> the attention over both."""
     import torch
 
-    if out is None:
-        return block_out, block_lse
     merged = torch.logaddexp(lse, block_lse)
     return out * (lse - merged).exp() + block_out * (block_lse - merged).exp(), merged
 
@@ -345,8 +347,6 @@ def apply_fsdp(model, mesh, *, param_dtype=None, reduce_dtype=None, cpu_offload:
     sequence-parallel ranks hold the same parameters) and replicated over data; gradients are
     averaged over every rank, which is what makes sequence-parallel gradients whole."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    import warnings
 
     mesh["fsdp", "ring", "ulysses"]._flatten("shard")
     with warnings.catch_warnings():  # torch's notice about slicing flattened dims; torchtitan does the same
