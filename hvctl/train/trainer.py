@@ -213,15 +213,15 @@ class Trainer:
 
     def batch_cost(self, indices: list[int]) -> float:
         """Estimated compute of a micro-batch (all its samples share one bucket)."""
+        from hvctl.models.vae import latent_shape
         from hvctl.parallel import sequence_cost
 
         height, width, frames = self.bucket_of[indices[0]]
         if self.r.target == "vae":  # convolutions: linear in the pixels
             return len(indices) * height * width * frames
-        vae, dit = self.vae_config, self.model.config
-        tokens = ((frames - 1) // vae.get("temporal_compression_ratio", 4) + 1) // dit.patch_size_t * \
-            (height // vae.get("spatial_compression_ratio", 8) // dit.patch_size) * \
-            (width // vae.get("spatial_compression_ratio", 8) // dit.patch_size)
+        dit = self.model.config
+        _, t, h, w = latent_shape(self.vae_config, dit.in_channels, frames, height, width)
+        tokens = t // dit.patch_size_t * (h // dit.patch_size) * (w // dit.patch_size)
         return len(indices) * sequence_cost(tokens, dit.num_attention_heads * dit.attention_head_dim)
 
     def micro_batch(self, indices: list[int], j: int) -> tuple[dict, torch.Generator, tuple[int, int]]:
