@@ -58,6 +58,7 @@ RECIPE_KINDS: dict[str, str] = {
     "generate": "hvctl.generate:GenerateRecipe",
     "encode": "hvctl.encode:EncodeRecipe",
     "train": "hvctl.train.config:TrainRecipe",
+    "distill": "hvctl.train.config:DistillRecipe",
 }
 
 _NO_FILE = "no recipe file"

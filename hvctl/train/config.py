@@ -124,3 +124,15 @@ class TrainRecipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class DistillRecipe(TrainRecipe):
+    """`hvctl distill`: classifier-free-guidance distillation. The student is the teacher's DiT
+    plus a guidance embedding, starting from the teacher's weights; it learns the teacher's
+    guided velocity in one pass. Every other key is the trainer's (checkpoints, resume, parallel)."""
+
+    KIND: ClassVar[str] = "distill"
+    teacher: Path | None = None  # a model folder whose DiT has no guidance embedding
+    guidance_range: tuple[float, float] = (1.0, 8.0)  # the scale w, drawn uniformly per sample
+    guidance_embedder_init: Literal["zero", "random"] = "zero"  # zero: the student starts as the teacher's conditional pass

@@ -22,9 +22,8 @@ class FlowMatchingObjective:
             raise HvctlError("empty_prompt_rate > 0 needs the empty prompt's text states in the cache (re-run hvctl encode)")
         self.flow, self.empty_text, self.empty_prompt_rate = flow, empty_text, empty_prompt_rate
 
-    def __call__(self, model, batch: dict, generator: torch.Generator, *, step: int = 0, stratum=None):
-        """stratum (j, n): this is micro-batch j of the n that make one optimizer step."""
-        device = next(model.parameters()).device
+    def noised(self, batch: dict, generator: torch.Generator, stratum=None) -> dict:
+        """A batch's clean latents, noise and sigmas, and its text (empty where dropped)."""
         mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
         n = mean.shape[0]
         x0 = mean + std * torch.randn(mean.shape, generator=generator)
@@ -39,21 +38,59 @@ class FlowMatchingObjective:
             e = self.empty_text
             text, mask, pooled = text.clone(), mask.clone(), pooled.clone()
             text[drop], mask[drop], pooled[drop] = e["text_states"].float(), e["text_mask"], e["pooled"].float()
+        return {"x0": x0, "noise": noise, "sigma": sigma, "text": (text, mask, pooled)}
+
+    @staticmethod
+    def predict(model, x0, noise, sigma, text, guidance=None):
+        """The model's velocity for x0 noised to sigma; guidance: per-sample scales for an embedding."""
+        device = next(model.parameters()).device
+        states, mask, pooled = text
         # Padding is masked out of attention, so only the batch's longest text need be computed:
         # toy captions fill a third of text_len, and the text tokens outnumber an image's.
         longest = max(int(mask.sum(dim=1).max()), 1)
-        text, mask = text[:, :longest], mask[:, :longest]
-        guidance = None
-        if model.config.guidance_embeds:
-            guidance = torch.full((n,), f.guidance * 1000.0, device=device)
-        prediction = model(
+        return model(
             hidden_states=add_noise(x0, noise, sigma).to(device), timestep=timestep_from_sigma(sigma).to(device),
-            encoder_hidden_states=text.to(device), encoder_attention_mask=mask.to(device), pooled_projections=pooled.to(device),
-            guidance=guidance, return_dict=False,
-        )[0]
-        per_sample = F.mse_loss(prediction.float(), velocity_target(x0, noise).to(device), reduction="none").mean(dim=(1, 2, 3, 4))
-        loss = (loss_weights(sigma, f.loss_weighting).to(device) * per_sample).mean()
-        return loss, {"loss": loss.item(), "sigma_mean": sigma.mean().item()}
+            encoder_hidden_states=states[:, :longest].to(device), encoder_attention_mask=mask[:, :longest].to(device),
+            pooled_projections=pooled.to(device),
+            guidance=None if guidance is None else (guidance * 1000.0).to(device), return_dict=False,
+        )[0].float()
+
+    def __call__(self, model, batch: dict, generator: torch.Generator, *, step: int = 0, stratum=None):
+        """stratum (j, n): this is micro-batch j of the n that make one optimizer step."""
+        b = self.noised(batch, generator, stratum)
+        n = b["x0"].shape[0]
+        guidance = torch.full((n,), self.flow.guidance) if model.config.guidance_embeds else None
+        prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], guidance)
+        target = velocity_target(b["x0"], b["noise"]).to(prediction.device)
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3, 4))
+        loss = (loss_weights(b["sigma"], self.flow.loss_weighting).to(prediction.device) * per_sample).mean()
+        return loss, {"loss": loss.item(), "sigma_mean": b["sigma"].mean().item()}
+
+
+class GuidanceDistillationObjective(FlowMatchingObjective):
+    """CFG distillation: the student, in one pass with the guidance scale embedded, regresses the
+    teacher's classifier-free-guided velocity v_u + w (v_c - v_u), w drawn per sample."""
+
+    def __init__(self, flow, empty_text: dict | None, teacher, guidance_range: tuple[float, float]):
+        if empty_text is None:
+            raise HvctlError("distillation needs the empty prompt's text states in the cache (re-run hvctl encode)")
+        super().__init__(flow, empty_text, 0.0)
+        self.teacher, self.guidance_range = teacher, guidance_range
+
+    def __call__(self, model, batch: dict, generator: torch.Generator, *, step: int = 0, stratum=None):
+        b = self.noised(batch, generator, stratum)
+        n = b["x0"].shape[0]
+        low, high = self.guidance_range
+        scale = low + (high - low) * torch.rand(n, generator=generator)
+        e = self.empty_text
+        empty = (e["text_states"].float().expand(n, -1, -1), e["text_mask"].expand(n, -1), e["pooled"].float().expand(n, -1))
+        with torch.no_grad():
+            conditional = self.predict(self.teacher, b["x0"], b["noise"], b["sigma"], b["text"])
+            unconditional = self.predict(self.teacher, b["x0"], b["noise"], b["sigma"], empty)
+            target = unconditional + scale.view(n, 1, 1, 1, 1).to(conditional.device) * (conditional - unconditional)
+        prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], scale)
+        loss = F.mse_loss(prediction, target)
+        return loss, {"loss": loss.item(), "guidance_mean": scale.mean().item()}
 
 
 class PatchDiscriminator3D(nn.Module):

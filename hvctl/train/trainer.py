@@ -73,7 +73,10 @@ class Trainer:
         self.base_model = self._base_model()
         torch.manual_seed(r.seed)
         folder = ModelFolder.open(self.base_model)
-        if r.reinit:  # stage 0: a new DiT beside pretrained VAE and text encoders
+        self.teacher = None
+        if r.KIND == "distill":
+            self.teacher, self.model = self._teacher_and_student(folder)
+        elif r.reinit:  # stage 0: a new DiT beside pretrained VAE and text encoders
             from hvctl.models.loading import component_from_config
 
             self.model = component_from_config(folder, self.component).to(self.device)
@@ -98,6 +101,25 @@ class Trainer:
         self.step = 0
         self._resume()
 
+    def _teacher_and_student(self, folder):
+        """The frozen teacher DiT, and the student: its architecture plus a guidance embedding,
+        holding its weights (the new embedder zero-initialised unless the recipe says random, so
+        that the student starts as the teacher's conditional pass)."""
+        from hvctl.models.loading import load_component
+
+        teacher = load_component(folder, "transformer", dtype=torch.float32, device=self.device)
+        if teacher.config.guidance_embeds:
+            raise HvctlError(f"{folder.path}: the teacher already embeds guidance; distillation needs one without")
+        teacher.eval().requires_grad_(False)
+        student = type(teacher).from_config({**teacher.config, "guidance_embeds": True}).to(self.device)
+        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("time_text_embed.guidance_embedder.") for k in missing), missing
+        if self.r.guidance_embedder_init == "zero":
+            last = student.time_text_embed.guidance_embedder.linear_2
+            torch.nn.init.zeros_(last.weight)
+            torch.nn.init.zeros_(last.bias)
+        return teacher, student
+
     def _freeze_all_but(self, prefixes: list[str]) -> None:
         names = [name for name, _ in self.model.named_parameters()]
         unknown = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
@@ -112,6 +134,10 @@ class Trainer:
         """The folder training starts from: the recipe's model, or one made from a preset in the run folder."""
         from hvctl.models.presets import init_model
 
+        if self.r.KIND == "distill":
+            if self.r.teacher is None or self.r.target != "dit":
+                raise HvctlError("distill needs 'teacher' (a model folder) and target: dit")
+            return Path(self.r.teacher)
         if self.r.model is not None:
             return Path(self.r.model)
         if self.r.init_preset is None:
@@ -160,7 +186,17 @@ class Trainer:
             dataset = LatentCache(cache, text_len=text_len, split=d.split, ids=ids)
             if not len(dataset):
                 raise HvctlError(f"{cache}: no cached samples" + (f" in split {d.split}" if d.split else ""))
-            objective = FlowMatchingObjective(self.r.flow, dataset.empty_text(), d.empty_prompt_rate)
+            if self.teacher is not None:
+                from hvctl.train.objectives import GuidanceDistillationObjective
+
+                if self.r.parallel.ring * self.r.parallel.ulysses > 1:  # the teacher sees whole inputs too
+                    from hvctl.parallel import apply_sequence_parallel
+
+                    apply_sequence_parallel(self.teacher, self.mesh)
+                objective = GuidanceDistillationObjective(self.r.flow, dataset.empty_text(), self.teacher,
+                                                          tuple(self.r.guidance_range))
+            else:
+                objective = FlowMatchingObjective(self.r.flow, dataset.empty_text(), d.empty_prompt_rate)
         # A stage trains on its own buckets and media only (a cache may hold more).
         stage = BucketConfig(aspect_buckets=d.aspect_buckets, frame_buckets=d.frame_buckets)
         stage_buckets = {b: ix for b, ix in dataset.buckets.items() if stage.admits(b, d.media)}
@@ -345,6 +381,8 @@ class Trainer:
         def write_main(folder: Path) -> None:
             copy_model_folder(self.base_model, folder / "model", self.component)
             module.save_pretrained(folder / "model" / self.component, safe_serialization=True)
+            if self.teacher is not None:
+                _embed_guidance_defaults(folder / "model")
             trainer = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
                        "optimizer": self._optimizer_settings, "recipe": _recipe_dict(self.r)}
             write_state_files(folder, rng={"torch": torch.get_rng_state()}, trainer=trainer,
@@ -448,6 +486,21 @@ class MetricsLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _embed_guidance_defaults(model_dir: Path) -> None:
+    """A distilled student's generation defaults: one pass, the teacher's guidance scale embedded."""
+    from hvctl.io import write_json_atomic
+
+    info_file = model_dir / "hvctl.json"
+    if not info_file.is_file():
+        return
+    info = json.loads(info_file.read_text())
+    generation = info.setdefault("generation", {})
+    teacher_scale = generation.get("guidance_scale") or 1.0
+    generation["embedded_guidance"] = teacher_scale if teacher_scale > 1 else 6.0
+    generation["guidance_scale"] = 1.0
+    write_json_atomic(info_file, info)
 
 
 def _recipe_dict(r: TrainRecipe) -> dict:
