@@ -19,9 +19,10 @@ def shift_sigmas(sigmas, shift: float):
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def default_flow_shift(steps: int) -> float:
-    """The official choice: shift 7 for long schedules (50 steps), 17 for short ones (< 20 steps)."""
-    return 17.0 if steps < 20 else 7.0
+def default_flow_shift(steps: int, model_shift: float = 7.0) -> float:
+    """The shift for a schedule of `steps` when none is set: the model's own for long schedules,
+    and, under 20 steps, 17/7 of it, the official ratio (shift 7 for 50 steps, 17 for fewer than 20)."""
+    return model_shift * 17.0 / 7.0 if steps < 20 else model_shift
 
 
 def sampling_sigmas(steps: int, shift: float) -> torch.Tensor:

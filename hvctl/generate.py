@@ -70,6 +70,10 @@ def resolve(recipe: GenerateRecipe, defaults: dict) -> GenerateRecipe:
         r.embedded_guidance = 6.0
     if not guidance_embeds and recipe.embedded_guidance is not None:
         raise HvctlError("--embedded-guidance given, but this model has no guidance embedding (use --guidance-scale)")
+    if recipe.flow_shift is None:  # the shift follows the step count unless set
+        from hvctl.flow import default_flow_shift
+
+        r.flow_shift = default_flow_shift(r.steps, defaults["flow_shift"])
     if r.seed is None:
         r.seed = random.randrange(2**31)
     r.negative_prompt = r.negative_prompt or ""

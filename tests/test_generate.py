@@ -122,3 +122,12 @@ def test_unknown_recipe_key_is_one_clear_line(tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.yaml" in lines[0] and "stepz" in lines[0] and "steps" in lines[0]
+
+
+def test_the_flow_shift_follows_the_step_count_unless_set(tiny_model):
+    from hvctl.generate import GenerateRecipe, prepare
+
+    shift = lambda **kw: prepare(GenerateRecipe(prompt="x", model=tiny_model, **kw))[0].flow_shift  # noqa: E731
+    assert shift(steps=50) == 7.0 and shift(steps=20) == 7.0  # the scheduler's
+    assert shift(steps=10) == pytest.approx(17.0)  # the official short-schedule shift
+    assert shift(steps=10, flow_shift=5.0) == 5.0
