@@ -45,9 +45,11 @@ def test_sequence_parallel_sampling_equals_one_process(ulysses, ring, tiny_model
     assert report["error"] < 1e-5 and report["scale"] > 0.1, report
 
 
-def test_sequence_parallel_generate_writes_once_and_equals_one_process(tiny_model, tmp_path):
+def test_sequence_parallel_generate_writes_once_and_equals_one_process(tiny_model, tmp_path, monkeypatch):
     from conftest import run_cli
     from hvctl.video import read_video
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread on both sides: the same summation order
 
     args = ["generate", "a red circle moves left on a black background", "--model", tiny_model, "--seed", "3",
             "--steps", "4", "--json"]
