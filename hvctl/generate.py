@@ -179,10 +179,9 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None) -> dict | 
     Sequence-parallel: every rank samples, rank 0 writes and returns; the others return None."""
     from hvctl.io import write_json_atomic
     from hvctl.models.loading import folder_fingerprint
+    from hvctl.parallel import sequence_parallel_inference
     from hvctl.progress import progress_bar
     from hvctl.video import write_video
-
-    from hvctl.parallel import sequence_parallel_inference
 
     started = time.perf_counter()
     r, model_dir = prepare(recipe)
