@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from hvctl.models.presets import build_components, get_preset
-from hvctl.parallel import Ranks, apply_fsdp, apply_sequence_parallel, build_mesh, data_rank, init_distributed
+from hvctl.parallel import apply_fsdp, apply_sequence_parallel, build_mesh, data_rank, init_distributed
 
 
 def inputs(batch: int, seed: int):
