@@ -150,54 +150,35 @@ def _train_command(schema_name: str, recipe, out, steps, device, nproc, nnodes, 
         emit(result, as_json, f"trained {result['steps']} steps on {result['processes']} process(es); model: {result['model']}")
 
 
-_TRAIN_OPTIONS = dict(
-    out=typer.Option(None, "--out", "-o", help="Run folder (checkpoints, metrics, the final model)."),
-    steps=typer.Option(None, help="Total optimizer steps."),
-    device=typer.Option(None, help="auto, cpu, cuda, ..."),
-    nproc=typer.Option(None, "--nproc", help="Processes per node (default: the recipe's, 1); > 1 runs torchrun."),
-    nnodes=typer.Option(1, "--nnodes", help="Nodes; each runs this same command."),
-    rdzv_endpoint=typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0 (multi-node)."),
-    rdzv_id=typer.Option(None, "--rdzv-id", help="Run id shared by the nodes (multi-node)."),
-    max_restarts=typer.Option(None, "--max-restarts", help="Restart failed processes this many times, from the last checkpoint."),
-)
+def _training_command(schema_name: str, kind: str, doc: str):
+    """`hvctl train` and `hvctl distill`: one command line, two recipe schemas."""
+
+    def command(
+        recipe: Path = typer.Argument(..., help=f"A YAML recipe (kind: {kind})."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (checkpoints, metrics, the final model)."),
+        steps: Optional[int] = typer.Option(None, help="Total optimizer steps."),
+        device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
+        nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes per node (default: the recipe's, 1); > 1 runs torchrun."),
+        nnodes: int = typer.Option(1, "--nnodes", help="Nodes; each runs this same command."),
+        rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0 (multi-node)."),
+        rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Run id shared by the nodes (multi-node)."),
+        max_restarts: Optional[int] = typer.Option(None, "--max-restarts",
+                                                   help="Restart failed processes this many times, from the last checkpoint."),
+        overrides: Optional[list[str]] = SET_OPTION,
+        as_json: bool = JSON_OPTION,
+    ):
+        _train_command(schema_name, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
+                       overrides, as_json)
+
+    command.__doc__ = doc
+    return command
 
 
-@app.command()
-def train(
-    recipe: Path = typer.Argument(..., help="A YAML train recipe (kind: train)."),
-    out: Optional[Path] = _TRAIN_OPTIONS["out"],
-    steps: Optional[int] = _TRAIN_OPTIONS["steps"],
-    device: Optional[str] = _TRAIN_OPTIONS["device"],
-    nproc: Optional[int] = _TRAIN_OPTIONS["nproc"],
-    nnodes: int = _TRAIN_OPTIONS["nnodes"],
-    rdzv_endpoint: Optional[str] = _TRAIN_OPTIONS["rdzv_endpoint"],
-    rdzv_id: Optional[str] = _TRAIN_OPTIONS["rdzv_id"],
-    max_restarts: Optional[int] = _TRAIN_OPTIONS["max_restarts"],
-    overrides: Optional[list[str]] = SET_OPTION,
-    as_json: bool = JSON_OPTION,
-):
-    """Train the DiT (flow matching) or the VAE; resumes exactly from the run folder's last checkpoint."""
-    _train_command("TrainRecipe", recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
-                   overrides, as_json)
-
-
-@app.command()
-def distill(
-    recipe: Path = typer.Argument(..., help="A YAML distill recipe (kind: distill)."),
-    out: Optional[Path] = _TRAIN_OPTIONS["out"],
-    steps: Optional[int] = _TRAIN_OPTIONS["steps"],
-    device: Optional[str] = _TRAIN_OPTIONS["device"],
-    nproc: Optional[int] = _TRAIN_OPTIONS["nproc"],
-    nnodes: int = _TRAIN_OPTIONS["nnodes"],
-    rdzv_endpoint: Optional[str] = _TRAIN_OPTIONS["rdzv_endpoint"],
-    rdzv_id: Optional[str] = _TRAIN_OPTIONS["rdzv_id"],
-    max_restarts: Optional[int] = _TRAIN_OPTIONS["max_restarts"],
-    overrides: Optional[list[str]] = SET_OPTION,
-    as_json: bool = JSON_OPTION,
-):
-    """Distil classifier-free guidance into a guidance-embedded student (one pass per step); trains like `train`."""
-    _train_command("DistillRecipe", recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
-                   overrides, as_json)
+app.command("train")(_training_command(
+    "TrainRecipe", "train", "Train the DiT (flow matching) or the VAE; resumes exactly from the run folder's last checkpoint."))
+app.command("distill")(_training_command(
+    "DistillRecipe", "distill", "Distil classifier-free guidance into a guidance-embedded student (one pass per step); "
+    "trains like `train`."))
 
 
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-id", "--max-restarts")
