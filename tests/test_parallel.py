@@ -16,8 +16,18 @@ def torchrun(script: str, *args: str, nproc: int = 2) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
            str(WORKERS / script), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if done.returncode != 0 and "SIGABRT" in done.stderr:
+        # Gloo on a loaded CI machine has, rarely, aborted a rank in C++ ("terminate called
+        # without an active exception") where no run here reproduced it; a real bug fails twice.
+        print("worker aborted; running once more:", *abort_lines(done.stderr), sep="\n")
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, "\n".join([*abort_lines(done.stderr), done.stderr[-3000:]])
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def abort_lines(stderr: str) -> list[str]:
+    """The C++ lines that say why a rank aborted: torchrun's summary alone only names the signal."""
+    return [line for line in stderr.splitlines() if "terminate called" in line or "what()" in line]
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "ring", "fsdp"])
