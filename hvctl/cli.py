@@ -24,10 +24,12 @@ model_app = typer.Typer(help="Create and inspect model folders.", no_args_is_hel
 recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 toy_app = typer.Typer(help="The toy world: a synthetic dataset whose truth is known.", no_args_is_help=True)
 eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
+plugins_app = typer.Typer(help="The plugin registry: captioners, rewriters, filters, caches, conditioners.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(toy_app, name="toy")
 app.add_typer(eval_app, name="eval")
+app.add_typer(plugins_app, name="plugins")
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 SET_OPTION = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
@@ -128,6 +130,29 @@ def encode(
         raise typer.Exit(1)
 
 
+@app.command()
+def curate(
+    input_path: Optional[Path] = typer.Argument(None, metavar="INPUT", help="A folder of videos and images, a manifest (JSONL), or one file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Manifest of the kept clips; the rejected list goes next to it."),
+    clips_dir: Optional[Path] = typer.Option(None, "--clips-dir", help="Folder for the shot clips. Default: clips/ next to the manifest."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML curate recipe (shot detection, filter thresholds, buckets)."),
+    overrides: Optional[list[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Split videos into shots, score and filter the clips, drop near-duplicates; writes a manifest."""
+    from hvctl.curate import CurateRecipe, curate as run_curate, summary_table
+    from hvctl.recipe import load_recipe
+
+    config = load_recipe(CurateRecipe, recipe, overrides or (), values=dict(input=input_path, out=out, clips_dir=clips_dir))
+    result = run_curate(config, progress=None if not as_json else False, on_problem=lambda m: typer.echo(m, err=True))
+    if as_json:
+        emit(result, True, "")
+    else:
+        from rich.console import Console
+
+        Console().print(summary_table(result))
+
+
 def _train_command(schema_name: str, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
                    overrides, as_json) -> None:
     from hvctl.parallel import under_torchrun
@@ -197,6 +222,89 @@ def _without_launch_options(argv: list[str]) -> list[str]:
     return kept
 
 
+@app.command()
+def caption(
+    manifest: Optional[Path] = typer.Argument(None, help="Dataset manifest (JSONL)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the captioned manifest here (same folder). Default: in place."),
+    captioner: Optional[str] = typer.Option(None, "--captioner", "-c", help="A registered captioner (hvctl plugins list). Default: toy."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The captioner's model folder (vlm: a local transformers folder)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Caption samples that already have a caption too."),
+    on_error: Optional[str] = typer.Option(None, "--on-error", help="skip (record the failure, go on) or fail (stop at the first)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML caption recipe."),
+    overrides: Optional[list[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Write the structured caption of every sample that lacks one; resumable."""
+    from hvctl.caption import CaptionRecipe, caption as run_caption
+    from hvctl.recipe import load_recipe
+
+    flags = dict(manifest=manifest, out=out, captioner=captioner, model=model, overwrite=overwrite, on_error=on_error)
+    config = load_recipe(CaptionRecipe, recipe, overrides or (), values=flags)
+    result = run_caption(config, progress=None if not as_json else False, on_problem=lambda m: typer.echo(m, err=True))
+    emit(result, as_json, f"{result['manifest']}: captioned {result['captioned']}, already captioned "
+                          f"{result['already_captioned']}, failed {len(result['failed'])} ({result['captioner']})")
+    if result["failed"] and config.on_error == "fail":
+        raise typer.Exit(1)
+
+
+@app.command()
+def rewrite(
+    prompt: Optional[str] = typer.Argument(None, help="The prompt to rewrite."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Rewrite every line of this file instead."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="normal (keep every fact) or master (more aesthetic detail)."),
+    rewriter: Optional[str] = typer.Option(None, "--rewriter", help="A registered rewriter (hvctl plugins list). Default: lexicon."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The rewriter's model folder (llm: a local causal LM)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML rewrite recipe."),
+    overrides: Optional[list[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Rewrite prompts into the form the model was trained on; prints one per line."""
+    from hvctl.recipe import load_recipe
+    from hvctl.rewrite import Rewriter, RewriteRecipe
+
+    if (prompt is None) == (file is None):
+        raise HvctlError("give a PROMPT or --file FILE (one prompt per line), not both")
+    if file is not None:
+        try:
+            prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise HvctlError(f"{file}: cannot read prompts ({e})") from None
+    else:
+        prompts = [prompt]
+    config = load_recipe(RewriteRecipe, recipe, overrides or (), values=dict(mode=mode, rewriter=rewriter, model=model))
+    rewrite_one = Rewriter(config)
+    results = [rewrite_one(p) for p in prompts]
+    for result in results:
+        if result["warning"]:
+            typer.echo(f"warning: {result['original']!r}: {result['warning']}", err=True)
+    emit({"rewriter": config.rewriter, "mode": config.mode, "prompts": results}, as_json,
+         "\n".join(r["rewritten"] for r in results))
+
+
+@plugins_app.command("list")
+def plugins_list(
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: captioner, rewriter, filter, cache, conditioner."),
+    as_json: bool = JSON_OPTION,
+):
+    """The registered plugins: hvctl's built-ins and those of installed packages."""
+    from hvctl.plugins import available
+
+    found = available(kind)
+    if as_json:
+        emit({"plugins": [{"kind": p.kind, "name": p.name, "source": p.source, "description": p.description}
+                          for p in found]}, True, "")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="hvctl plugins")
+    for column in ("kind", "name", "from", "what it does"):
+        table.add_column(column)
+    for p in found:
+        table.add_row(p.kind, p.name, p.source, p.description)
+    Console().print(table)
+
+
 @toy_app.command("render")
 def toy_render(
     out: Path = typer.Argument(..., help="Folder to write media/ and manifest.jsonl into."),
@@ -235,10 +343,14 @@ def eval_toy(
     batch_size: int = typer.Option(16, "--batch-size", help="Videos generated at once."),
     vae_videos: int = typer.Option(32, "--vae-videos", help="Eval videos for the VAE's reconstruction PSNR (0: skip)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the videos and per-video measurements here."),
+    rewrite: Optional[str] = typer.Option(None, "--rewrite", help="Instead of the canonical prompts: paraphrased ones, "
+                                          "as written and rewritten by this rewriter (e.g. lexicon)."),
+    rewrite_model: Optional[Path] = typer.Option(None, "--rewrite-model", help="The rewriter's model folder (llm)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
     as_json: bool = JSON_OPTION,
 ):
     """Generate the toy prompt set and measure, from pixels, what the videos show."""
+    from hvctl.rewrite import RewriteRecipe
     from hvctl.toy.evaluate import ToyEvalSettings, evaluate_toy
 
     for name, value in (("prompts", prompts), ("batch-size", batch_size)):
@@ -249,7 +361,8 @@ def eval_toy(
     settings = ToyEvalSettings(model=model, prompts=prompts, seed=seed, steps=tuple(steps or ()),
                                guidance_scale=guidance_scale, embedded_guidance=embedded_guidance,
                                flow_shift=flow_shift, batch_size=batch_size, vae_videos=vae_videos, out=out,
-                               device=device)
+                               device=device,
+                               rewrite=RewriteRecipe(rewriter=rewrite, model=rewrite_model) if rewrite else None)
     result = evaluate_toy(settings, progress=None if not as_json else False)
     if as_json:
         emit(result, True, "")
@@ -260,11 +373,11 @@ def eval_toy(
     from hvctl.toy.evaluate import ATTRIBUTES
 
     table = Table(title=f"toy eval: {result['model']['path']}")
-    for column in ("steps", "compositions", "videos", "strict", *ATTRIBUTES):
+    for column in ("steps", "prompts", "compositions", "videos", "strict", *ATTRIBUTES):
         table.add_column(column, justify="right")
     for run in result["runs"]:
         for group, acc in run["accuracy"].items():
-            table.add_row(str(run["steps"]), group.replace("_", "-"), str(acc["n"]),
+            table.add_row(str(run["steps"]), run["prompts"], group.replace("_", "-"), str(acc["n"]),
                           *(f"{100 * acc[k]:.1f}%" for k in ("strict", *ATTRIBUTES)))
     console = Console()
     console.print(table)

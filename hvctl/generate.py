@@ -12,12 +12,13 @@ from __future__ import annotations
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from hvctl import __version__
 from hvctl.errors import HvctlError
+from hvctl.rewrite import Rewriter, RewriteRecipe
 
 
 @dataclass
@@ -46,12 +47,14 @@ class GenerateRecipe:
     vae_tile_size: int = 256
     ulysses_degree: int = 1  # sequence-parallel inference over ulysses_degree x ring_degree processes
     ring_degree: int = 1
+    rewrite: RewriteRecipe | None = None  # rewrite the prompt first (hvctl/rewrite.py); None: as written
 
 
 def resolve(recipe: GenerateRecipe, defaults: dict) -> GenerateRecipe:
     """Fill the unset settings from the model's defaults (ModelFolder.generation_defaults) and check them all."""
     guidance_embeds = defaults["guidance_embeds"]
-    filled = {k: (v if v is not None else defaults.get(k)) for k, v in asdict(recipe).items()}
+    filled = {f.name: (getattr(recipe, f.name) if getattr(recipe, f.name) is not None else defaults.get(f.name))
+              for f in fields(recipe)}
     r = replace(recipe, **filled)
     if not r.prompt:
         raise HvctlError("no prompt given (pass PROMPT or set 'prompt' in the recipe)")
@@ -174,7 +177,7 @@ def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
     return r, model_dir
 
 
-def generate(recipe: GenerateRecipe, *, progress: bool | None = None) -> dict | None:
+def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning=None) -> dict | None:
     """Run a generate recipe; returns the JSON-able result (videos, sidecars, settings, timings).
     Sequence-parallel: every rank samples, rank 0 writes and returns; the others return None."""
     from hvctl.io import write_json_atomic
@@ -185,6 +188,12 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None) -> dict | 
 
     started = time.perf_counter()
     r, model_dir = prepare(recipe)
+    rewritten = None
+    if r.rewrite is not None:
+        rewritten = Rewriter(r.rewrite)(r.prompt)
+        if rewritten["warning"] and on_warning:
+            on_warning(rewritten["warning"])
+        r.prompt = rewritten["rewritten"]
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     parallel = sequence_parallel_inference(r.ulysses_degree, r.ring_degree, device)
     if parallel is not None:
@@ -211,6 +220,7 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None) -> dict | 
         write_json_atomic(sidecar, {
             "hvctl_version": __version__,
             "prompt": r.prompt,
+            **({"rewrite": rewritten} if rewritten else {}),
             "negative_prompt": r.negative_prompt,
             "seed": seed,
             "index": i,

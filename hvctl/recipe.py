@@ -57,8 +57,11 @@ T = TypeVar("T")
 RECIPE_KINDS: dict[str, str] = {
     "generate": "hvctl.generate:GenerateRecipe",
     "encode": "hvctl.encode:EncodeRecipe",
+    "curate": "hvctl.curate:CurateRecipe",
     "train": "hvctl.train.config:TrainRecipe",
     "distill": "hvctl.train.config:DistillRecipe",
+    "caption": "hvctl.caption:CaptionRecipe",
+    "rewrite": "hvctl.rewrite:RewriteRecipe",
 }
 
 _NO_FILE = "no recipe file"

@@ -38,3 +38,61 @@ def run_cli(*args, cwd=None, timeout=300):
         [sys.executable, "-m", "hvctl", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
         env={**os.environ, "CI": "1"},
     )
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n{% endif %}"
+)
+
+
+def _tiny_llama(vocab_size):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """A randomly initialised LLaVA folder (CLIP vision tower, Llama text) with its processor: what
+    `AutoModelForImageTextToText` and `AutoProcessor` load, built without any download."""
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from hvctl.models.tokenizers import build_llama_tokenizer
+
+    out = tmp_path_factory.mktemp("models") / "tiny-vlm"
+    tokenizer = build_llama_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, chat_template=CHAT_TEMPLATE,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=_tiny_llama(len(tokenizer)), vision_feature_layer=-1,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    """A randomly initialised Llama causal LM folder with a chat template, built without any download."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from hvctl.models.tokenizers import build_llama_tokenizer
+
+    out = tmp_path_factory.mktemp("models") / "tiny-llm"
+    tokenizer = build_llama_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    LlamaForCausalLM(_tiny_llama(len(tokenizer))).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

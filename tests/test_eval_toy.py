@@ -11,12 +11,12 @@ def test_rendered_truth_scores_full_marks_and_a_mismatch_does_not():
     samples = prompt_set(12, seed=3)
     assert sum(group_of(s) == "held_out" for s in samples) == 4  # a third held out
     videos = [render(sample_spec(3, s.index, "eval", "video", size=(64, 64), frames=17)) for s in samples]
-    table = score(samples, [_measure(s, v) for s, v in zip(samples, videos)])
+    table = score(samples, [_measure(s, s.prompt(), v) for s, v in zip(samples, videos)])
     assert table["seen"]["n"] == 8 and table["held_out"]["n"] == 4
     for group in table.values():
         assert group["strict"] == 1.0 and group["color"] == group["motion"] == 1.0
     # Each video measured against the next sample's prompt: accuracy must drop.
-    shifted = score(samples, [_measure(s, v) for s, v in zip(samples, videos[1:] + videos[:1])])
+    shifted = score(samples, [_measure(s, s.prompt(), v) for s, v in zip(samples, videos[1:] + videos[:1])])
     assert shifted["seen"]["strict"] < 0.5
 
 
@@ -36,3 +36,16 @@ def test_eval_toy_cli_json(tiny_model, tmp_path):
 def test_eval_toy_rejects_bad_counts(tiny_model):
     result = run_cli("eval", "toy", "--model", str(tiny_model), "--prompts", "0")
     assert result.returncode == 1 and result.stderr.strip() == "error: --prompts must be at least 1, got 0"
+
+
+def test_eval_toy_rewrite_scores_paraphrased_prompts_as_written_and_rewritten(tiny_model, tmp_path):
+    result = run_cli("eval", "toy", "--model", str(tiny_model), "--prompts", "4", "--steps", "2", "--vae-videos", "0",
+                     "--rewrite", "lexicon", "--out", str(tmp_path / "eval"), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [run["prompts"] for run in report["runs"]] == ["paraphrased", "rewritten-lexicon"]
+    assert report["rewrite"] == {"rewriter": "lexicon", "mode": "normal", "kept_as_written": 0, "exact_canonical": 4}
+    as_written = json.loads((tmp_path / "eval" / "steps2-paraphrased" / "measurements.json").read_text())
+    rewritten = json.loads((tmp_path / "eval" / "steps2-rewritten-lexicon" / "measurements.json").read_text())
+    assert [m["prompt"] for m in as_written] != [m["prompt"] for m in rewritten]
+    assert all(m["prompt"].endswith("background") for m in rewritten)

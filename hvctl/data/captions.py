@@ -36,3 +36,28 @@ def caption_variants(caption: dict | str | None, sample_id: str, count: int, kee
         rng.shuffle(parts)
         texts.append(" ".join(_sentence(p) for p in parts) or short)
     return texts
+
+
+TAG_GROUPS = ("source_tags", "quality_tags", "other_tags")
+
+
+def caption_problems(caption) -> list[str]:
+    """What makes `caption` not a structured caption (toy-world.md, Captions); empty when valid."""
+    if not isinstance(caption, dict):
+        return [f"expected a JSON object, got {type(caption).__name__}"]
+    problems = []
+    for name in TEXT_FIELDS:
+        value = caption.get(name)
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"'{name}' must be a non-empty string")
+    tags = caption.get("additional_metadata")
+    if not isinstance(tags, dict):
+        problems.append("'additional_metadata' must be an object with source_tags, quality_tags, other_tags")
+    else:
+        for group in TAG_GROUPS:
+            if not (isinstance(tags.get(group), list) and all(isinstance(t, str) for t in tags[group])):
+                problems.append(f"'additional_metadata.{group}' must be a list of strings")
+    unknown = set(caption) - {*TEXT_FIELDS, "additional_metadata"}
+    if unknown:
+        problems.append(f"unknown field {', '.join(sorted(unknown))}")
+    return problems

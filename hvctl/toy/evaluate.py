@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hvctl.toy.world import HELD_OUT, render, sample_spec
+from hvctl.rewrite import Rewriter, RewriteRecipe
+from hvctl.toy.world import HELD_OUT, paraphrase, render, sample_spec
 
 ATTRIBUTES = ("color", "shape", "motion", "background")
 GROUPS = ("seen", "held_out")
@@ -35,6 +36,7 @@ class ToyEvalSettings:
     vae_videos: int = 32  # 0: skip the VAE's reconstruction score
     out: Path | None = None  # also write every video and the per-video measurements here
     device: str = "auto"
+    rewrite: RewriteRecipe | None = None  # also: paraphrased prompts, as written and rewritten
 
 
 def prompt_set(n: int, seed: int):
@@ -88,6 +90,16 @@ def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
                           guidance_scale=s.guidance_scale, embedded_guidance=s.embedded_guidance,
                           flow_shift=s.flow_shift)
     result = {"model": None, "prompts": s.prompts, "seed": s.seed, "runs": []}
+    prompt_forms = [("canonical", [x.prompt() for x in samples])]
+    if s.rewrite is not None:
+        # Users' wording, as written and as the rewriter turns it back into the trained form.
+        paraphrased = [paraphrase(x) for x in samples]
+        rewrite = Rewriter(s.rewrite)
+        rewritten = [rewrite(p) for p in paraphrased]
+        prompt_forms = [("paraphrased", paraphrased), (f"rewritten-{s.rewrite.rewriter}", [x["rewritten"] for x in rewritten])]
+        result["rewrite"] = {"rewriter": s.rewrite.rewriter, "mode": s.rewrite.mode,
+                             "kept_as_written": sum(x["warning"] is not None for x in rewritten),
+                             "exact_canonical": sum(x["rewritten"] == sample.prompt() for x, sample in zip(rewritten, samples))}
     t2v = None
     for steps in s.steps or (None,):
         r, model_dir = prepare(replace(base, steps=steps))
@@ -97,31 +109,33 @@ def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
             result["model"] = {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}
         else:  # same weights, another schedule
             t2v.sampler = replace(t2v.sampler, steps=r.steps, shift=r.flow_shift)
-        started, measurements = time.perf_counter(), []
-        with progress_bar(len(samples), f"eval {r.steps} steps", enabled=progress) as advance:
-            for first in range(0, len(samples), s.batch_size):
-                batch = samples[first:first + s.batch_size]
-                seeds = [s.seed + first + j for j in range(len(batch))]
-                videos = t2v.frames(t2v.latents(seeds, t2v.conditions([x.prompt() for x in batch])))
-                for j, (sample, video) in enumerate(zip(batch, videos)):
-                    measurements.append(_measure(sample, video))
-                    if s.out is not None:
-                        write_video(Path(s.out) / f"steps{r.steps}" / f"{first + j:04d}.mp4", video, fps=r.fps)
-                advance(len(batch))
-        run = {"steps": r.steps, "flow_shift": r.flow_shift, "guidance_scale": r.guidance_scale,
-               "embedded_guidance": r.embedded_guidance, "height": r.height, "width": r.width, "frames": r.frames,
-               "seconds": round(time.perf_counter() - started, 2), "accuracy": score(samples, measurements)}
-        result["runs"].append(run)
-        if s.out is not None:
-            write_json_atomic(Path(s.out) / f"steps{r.steps}" / "measurements.json", measurements)
+        for form, texts in prompt_forms:
+            started, measurements = time.perf_counter(), []
+            folder = Path(s.out or ".") / (f"steps{r.steps}" if form == "canonical" else f"steps{r.steps}-{form}")
+            with progress_bar(len(samples), f"eval {r.steps} steps, {form} prompts", enabled=progress) as advance:
+                for first in range(0, len(samples), s.batch_size):
+                    batch = samples[first:first + s.batch_size]
+                    seeds = [s.seed + first + j for j in range(len(batch))]
+                    videos = t2v.frames(t2v.latents(seeds, t2v.conditions(texts[first:first + s.batch_size])))
+                    for j, (sample, video) in enumerate(zip(batch, videos)):
+                        measurements.append(_measure(sample, texts[first + j], video))
+                        if s.out is not None:
+                            write_video(folder / f"{first + j:04d}.mp4", video, fps=r.fps)
+                    advance(len(batch))
+            run = {"steps": r.steps, "prompts": form, "flow_shift": r.flow_shift, "guidance_scale": r.guidance_scale,
+                   "embedded_guidance": r.embedded_guidance, "height": r.height, "width": r.width, "frames": r.frames,
+                   "seconds": round(time.perf_counter() - started, 2), "accuracy": score(samples, measurements)}
+            result["runs"].append(run)
+            if s.out is not None:
+                write_json_atomic(folder / "measurements.json", measurements)
     if s.vae_videos:
         result["vae"] = vae_psnr(t2v.parts.vae, s.vae_videos, s.seed, r.height, r.width, r.frames)
     return result
 
 
-def _measure(sample, video) -> dict:
+def _measure(sample, prompt, video) -> dict:
     from hvctl.toy.world import measure
 
     m = measure(video)
-    return {"prompt": sample.prompt(), "group": group_of(sample), **{a: m[a] for a in ATTRIBUTES},
+    return {"prompt": prompt, "group": group_of(sample), **{a: m[a] for a in ATTRIBUTES},
             "expected": {a: getattr(sample, a) for a in ATTRIBUTES}}

@@ -104,6 +104,40 @@ class ToySample:
                 f"across a plain {self.background} background.")
 
 
+# Users' wording of a toy prompt, for measuring prompt rewriting (`hvctl eval toy --rewrite`):
+# synonyms, other word orders and Chinese, as people write them.
+_SAYINGS = {
+    "color": {"red": ["crimson", "scarlet", "red"], "green": ["emerald", "green"], "blue": ["azure", "blue"],
+              "yellow": ["golden", "yellow"], "magenta": ["pink", "fuchsia"], "cyan": ["turquoise", "aqua"]},
+    "shape": {"circle": ["disc", "ball", "round dot"], "square": ["box", "block", "square"], "triangle": ["triangle"]},
+    "motion": {"left": ["drifting to the left", "heading left", "sliding leftward"],
+               "right": ["going to the right", "moving rightward"], "up": ["rising", "floating upward"],
+               "down": ["falling", "sinking downward"], "still": ["sitting still", "not moving"]},
+    "background": {"black": ["black", "dark"], "white": ["white"], "gray": ["grey", "gray"]},
+}
+_CHINESE = {
+    "color": {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "magenta": "品红色", "cyan": "青色"},
+    "shape": {"circle": "圆形", "square": "方块", "triangle": "三角形"},
+    "motion": {"left": "向左移动", "right": "向右移动", "up": "向上移动", "down": "向下移动", "still": "静止不动"},
+    "background": {"black": "黑色", "white": "白色", "gray": "灰色"},
+}
+
+
+def paraphrase(sample) -> str:
+    """A user's wording of the sample's prompt, drawn deterministically from its index."""
+    rng = np.random.default_rng([sample.index, 7])
+    form = int(rng.integers(4))
+    if form == 3:
+        zh = {k: _CHINESE[k][getattr(sample, k)] for k in _CHINESE}
+        return f"{zh['background']}背景上，一个{zh['color']}的{zh['shape']}{zh['motion']}"
+    say = {k: str(rng.choice(_SAYINGS[k][getattr(sample, k)])) for k in _SAYINGS}
+    return [
+        "{color} {shape} {motion}, {background} backdrop",
+        "on a {background} background, a {color} {shape} {motion}",
+        "{shape} ({color}) {motion} over {background}",
+    ][form].format(**say)
+
+
 def _word(value, value_range, words):
     # The range in equal thirds: low, middle, high.
     lo, hi = value_range
@@ -240,7 +274,7 @@ def measure(frames):
         "background": _nearest(BACKGROUNDS, background_rgb),
         "color": None, "shape": None, "motion": None,
         "background_rgb": background_rgb.tolist(), "color_rgb": None, "fill_ratio": None,
-        "displacement": None, "area": 0.0, "area_cv": None, "visible_frames": 0,
+        "displacement": None, "start": None, "area": 0.0, "area_cv": None, "visible_frames": 0,
     }
     far = np.linalg.norm(pixels - background_rgb, axis=-1) > FAR_FROM_BACKGROUND
     if far.sum() < MIN_OBJECT_PIXELS:
@@ -269,6 +303,7 @@ def measure(frames):
         color_rgb=color_rgb.tolist(),
         fill_ratio=fill,
         displacement=(float(dx), float(dy)),
+        start=(float(first[0]), float(first[1])),
         area=float(visible_areas.mean()),
         area_cv=float(visible_areas.std() / visible_areas.mean()),
         visible_frames=int(visible.size),

@@ -1,0 +1,1 @@
+"""hvctl's curation filters (hvctl curate)."""
