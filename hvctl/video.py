@@ -97,6 +97,35 @@ def read_video(path):
     return np.stack(frames), fps
 
 
+class VideoReader:
+    """A video's frames one at a time, for `with`: read_video would hold a whole source in memory,
+    and a real source may be an hour long. Opening checks it as hvctl.video does."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.container = _open_input(path)
+        try:
+            self.stream = _video_stream(self.container, path)
+            self.fps = _fps(self.stream, path)
+        except BaseException:
+            self.container.close()
+            raise
+        self.width, self.height = self.stream.codec_context.width, self.stream.codec_context.height
+
+    def frames(self):
+        try:
+            for frame in self.container.decode(self.stream):
+                yield frame.to_ndarray(format="rgb24")
+        except av.FFmpegError as e:
+            raise HvctlError(f"{self.path}: corrupt or truncated video ({_reason(e)})") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.container.close()
+
+
 def probe_video(path):
     """Size, frame count and fps without decoding: what the header says (packets are counted where
     it has no frame count). Only read_video notices frames missing from a truncated file."""
