@@ -24,12 +24,14 @@ model_app = typer.Typer(help="Create and inspect model folders.", no_args_is_hel
 recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 toy_app = typer.Typer(help="The toy world: a synthetic dataset whose truth is known.", no_args_is_help=True)
 eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
+lora_app = typer.Typer(help="LoRA files: convert between the diffusers and kohya formats.", no_args_is_help=True)
 plugins_app = typer.Typer(help="The plugin registry: captioners, rewriters, filters, caches, conditioners.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(toy_app, name="toy")
 app.add_typer(eval_app, name="eval")
 app.add_typer(plugins_app, name="plugins")
+app.add_typer(lora_app, name="lora")
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 SET_OPTION = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
@@ -76,6 +78,7 @@ def generate(
     text_len: Optional[int] = typer.Option(None, "--text-len", help="Maximum prompt length in LLM tokens."),
     ulysses_degree: Optional[int] = typer.Option(None, "--ulysses-degree", help="Sequence parallelism: Ulysses processes."),
     ring_degree: Optional[int] = typer.Option(None, "--ring-degree", help="Sequence parallelism: ring-attention processes."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers or kohya format)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML generate recipe; flags override it."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
@@ -89,6 +92,7 @@ def generate(
         guidance_scale=guidance_scale, embedded_guidance=embedded_guidance, flow_shift=flow_shift,
         negative_prompt=negative_prompt, num_videos=num_videos, fps=fps, output=output, dtype=dtype,
         device=device, vae_tiling=vae_tiling, text_len=text_len, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+        lora=lora or None,
     )
     config = load_recipe(GenerateRecipe, recipe, overrides or (), values=flags)
     processes = config.ulysses_degree * config.ring_degree
@@ -279,6 +283,41 @@ def rewrite(
             typer.echo(f"warning: {result['original']!r}: {result['warning']}", err=True)
     emit({"rewriter": config.rewriter, "mode": config.mode, "prompts": results}, as_json,
          "\n".join(r["rewritten"] for r in results))
+
+
+@lora_app.command("convert")
+def lora_convert(
+    source: Path = typer.Argument(..., help="A LoRA safetensors file (diffusers or kohya format)."),
+    out: Path = typer.Argument(..., help="The converted file to write."),
+    to: str = typer.Option(..., "--to", help="kohya (ComfyUI, kohya's tools) or diffusers."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The model folder the LoRA is for (kohya -> diffusers: "
+                                         "its module names). Default: the embedded model."),
+    as_json: bool = JSON_OPTION,
+):
+    """Convert a LoRA file between diffusers' format and kohya's."""
+    from hvctl.lora import from_kohya, read_lora, save_lora, to_kohya
+
+    if to not in ("kohya", "diffusers"):
+        raise HvctlError(f"--to {to}: choose kohya or diffusers")
+    weights = read_lora(source)
+    is_kohya = any(k.startswith("lora_unet_") for k in weights)
+    if to == "kohya":
+        converted = weights if is_kohya else to_kohya(weights)
+    elif not is_kohya:
+        converted = weights
+    else:
+        import torch
+
+        from hvctl.generate import prepare_model
+        from hvctl.models.loading import ModelFolder, component_from_config
+
+        model_dir, _ = prepare_model(model)
+        with torch.device("meta"):  # the module names only: no memory, even for 13B
+            transformer = component_from_config(ModelFolder.open(model_dir), "transformer")
+        converted = from_kohya(weights, transformer)
+    save_lora(out, converted)
+    emit({"source": str(source), "out": str(out), "format": to, "tensors": len(converted)}, as_json,
+         f"wrote {out} ({to} format, {len(converted)} tensors)")
 
 
 @plugins_app.command("list")

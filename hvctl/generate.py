@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -48,6 +48,7 @@ class GenerateRecipe:
     ulysses_degree: int = 1  # sequence-parallel inference over ulysses_degree x ring_degree processes
     ring_degree: int = 1
     rewrite: RewriteRecipe | None = None  # rewrite the prompt first (hvctl/rewrite.py); None: as written
+    lora: list[str] = field(default_factory=list)  # LoRA files, each FILE or FILE:SCALE (diffusers or kohya format)
 
 
 def resolve(recipe: GenerateRecipe, defaults: dict) -> GenerateRecipe:
@@ -127,6 +128,10 @@ class TextToVideo:
 
         self.r = r
         self.parts = load_components(model_dir, dtype=dtype, device=device)
+        if r.lora:
+            from hvctl.lora import load_loras, parse_lora_spec
+
+            load_loras(self.parts.transformer, [parse_lora_spec(spec) for spec in r.lora])
         self.device = device
         self.encode = PromptEncoder(self.parts.tokenizer, self.parts.text_encoder, self.parts.tokenizer_2,
                                     self.parts.text_encoder_2, text_len=r.text_len)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from hvctl.lora import LoraSettings
+
 
 
 @dataclass
@@ -102,6 +104,7 @@ class TrainRecipe:
     init_preset: str | None = None  # or a new model from a preset (`hvctl model init`)
     init_guidance_embeds: bool | None = None
     trainable: list[str] | None = None  # parameter-name prefixes to train (e.g. [decoder]); None: all
+    lora: LoraSettings | None = None  # DiT only: train LoRA adapters instead (hvctl/lora.py); None: full weights
     # VAE runs: the exported VAE's scaling_factor becomes 1/std of its latents on the training data
     # (as Stable Diffusion set its own), so the DiT sees unit-variance latents. Off by default: it
     # would break a pretrained DiT's match with a finetuned official VAE.

@@ -85,6 +85,12 @@ class Trainer:
         self.model.train().requires_grad_(True)
         if r.trainable is not None:
             self._freeze_all_but(r.trainable)
+        if r.lora is not None:
+            from hvctl.lora import add_lora
+
+            if r.target != "dit" or r.trainable is not None:
+                raise HvctlError("lora: trains the DiT's adapters only; it goes with target: dit and no 'trainable'")
+            add_lora(self.model, r.lora)
         self.model_class = type(self.model)  # FSDP and replicate swap the instance's class
         self.mesh = parallelize(self.model, self.ranks, self.device.type, r.parallel,
                                 param_dtype=None if r.precision == "float32" else getattr(torch, r.precision))
@@ -336,7 +342,8 @@ class Trainer:
         final = self.export()
         return {"run": str(self.run), "model": str(final), "steps": self.step, "resumed_from": start_step or None,
                 "processes": self.ranks.world_size, "seconds": round(time.perf_counter() - started, 2),
-                "last": last_logs}
+                "last": last_logs,
+                **({"lora": str(self.run / "lora" / "pytorch_lora_weights.safetensors")} if self.r.lora else {})}
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -370,6 +377,12 @@ class Trainer:
         if not self.ranks.is_main:
             return None
         module = self.model_class.from_config(self.model.config)
+        if self.r.lora is not None:  # the base weights, then the adapter merged in
+            from hvctl.lora import lora_state_dict, merged_into
+
+            self.lora_weights = lora_state_dict(self.model, self.r.lora, state)
+            module.load_state_dict({k.replace(".base_layer", ""): v for k, v in state.items() if ".lora_" not in k})
+            return merged_into(module, self.lora_weights)
         module.load_state_dict(state)
         return module
 
@@ -381,6 +394,10 @@ class Trainer:
         def write_main(folder: Path) -> None:
             copy_model_folder(self.base_model, folder / "model", self.component)
             module.save_pretrained(folder / "model" / self.component, safe_serialization=True)
+            if self.r.lora is not None:  # also the adapter alone, for `generate --lora`
+                from hvctl.lora import save_lora
+
+                save_lora(folder / "lora" / "pytorch_lora_weights.safetensors", self.lora_weights)
             if self.teacher is not None:
                 _embed_guidance_defaults(folder / "model")
             trainer = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -434,6 +451,9 @@ class Trainer:
             write_json_atomic(config_file, config)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        if (latest / "lora").is_dir():
+            shutil.rmtree(self.run / "lora", ignore_errors=True)
+            shutil.copytree(latest / "lora", self.run / "lora")
         return final
 
     @torch.no_grad()

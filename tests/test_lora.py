@@ -1,0 +1,91 @@
+"""LoRA: trained through peft, saved in diffusers' format, loaded by generate, converted to kohya's."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from hvctl.encode import EncodeRecipe, encode
+from hvctl.toy.render import render_dataset
+from hvctl.video import read_video
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("lora")
+    render_dataset(root / "data", videos=4, images=4, seed=8, split="train", sizes=[(32, 32)])
+    encode(EncodeRecipe(manifest=root / "data" / "manifest.jsonl", out=root / "cache", model=tiny_model,
+                        aspect_buckets=[(32, 32)], frame_buckets=[5], caption_variants=2))
+    recipe = root / "lora.yaml"
+    recipe.write_text("\n".join([
+        "kind: train", "target: dit", f"model: {tiny_model}", f"out: {root / 'run'}", "steps: 6", "seed: 2",
+        "log_every: 1", "optim:", "  lr: 0.01", "data:", f"  cache: {root / 'cache'}", "  batch_size: 2",
+        "checkpoint:", "  every: 3", "  keep_last: 1", "lora:", "  rank: 4", "  alpha: 8",
+    ]) + "\n")
+    done = run_cli("train", recipe, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout), root
+
+
+def test_lora_training_changes_only_the_adapter_and_saves_it_in_diffusers_format(lora_run, tiny_model):
+    report, root = lora_run
+    lora = load_file(report["lora"])
+    assert lora and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in lora)
+    assert any(".attn.to_q.lora_A." in k for k in lora) and any(".attn.add_q_proj.lora_B." in k for k in lora)
+    assert all(v.shape[0] == 4 for k, v in lora.items() if ".lora_A." in k)  # rank 4
+    # The exported model folder has the adapter merged in: it differs from the base exactly
+    # where LoRA went, and nowhere else.
+    base = load_file(str(tiny_model / "transformer" / "diffusion_pytorch_model.safetensors"))
+    merged = load_file(str(root / "run" / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert merged.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(any(t in k for t in (".to_q.", ".to_k.", ".to_v.", ".to_out.0.", ".add_", ".to_add_out."))
+                           for k in changed)
+    assert "transformer_blocks.0.ff.net.0.proj.weight" not in changed
+
+
+def test_generate_with_the_lora_file_matches_the_merged_model(lora_run, tiny_model, tmp_path):
+    report, root = lora_run
+    common = ["a red circle moves left on a black background", "--steps", "2", "--frames", "5", "--height", "32",
+              "--width", "32", "--seed", "5", "--dtype", "float32"]
+    outputs = {}
+    for name, extra in {"base": ["--model", tiny_model], "lora": ["--model", tiny_model, "--lora", report["lora"]],
+                        "merged": ["--model", root / "run" / "model"],
+                        "half": ["--model", tiny_model, "--lora", f"{report['lora']}:0.0"]}.items():
+        out = tmp_path / f"{name}.mp4"
+        done = run_cli("generate", *common, *extra, "-o", out)
+        assert done.returncode == 0, done.stderr
+        outputs[name] = read_video(out)[0].astype(np.int16)
+    assert np.abs(outputs["lora"] - outputs["merged"]).max() <= 2  # codec rounding only
+    assert np.abs(outputs["lora"] - outputs["base"]).max() > 2
+    assert np.abs(outputs["half"] - outputs["base"]).max() <= 2  # scale 0: no change
+
+
+def test_kohya_conversion_round_trips_and_loads(lora_run, tiny_model, tmp_path):
+    report, _ = lora_run
+    kohya = tmp_path / "kohya.safetensors"
+    done = run_cli("lora", "convert", report["lora"], kohya, "--to", "kohya", "--model", tiny_model)
+    assert done.returncode == 0, done.stderr
+    converted = load_file(str(kohya))
+    assert any(k.startswith("lora_unet_transformer_blocks_0_attn_to_out_0.lora_down") for k in converted)
+    back = tmp_path / "back.safetensors"
+    assert run_cli("lora", "convert", kohya, back, "--to", "diffusers", "--model", tiny_model).returncode == 0
+    original, restored = load_file(report["lora"]), load_file(str(back))
+    assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
+
+
+def test_bad_lora_files_are_one_line(tiny_model, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors")
+    done = run_cli("generate", "x", "--model", tiny_model, "--lora", junk, "--steps", "1")
+    assert done.returncode == 1 and "junk.safetensors: not a safetensors LoRA file" in done.stderr
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"transformer.no_such_block.to_q.lora_A.weight": torch.zeros(4, 8),
+               "transformer.no_such_block.to_q.lora_B.weight": torch.zeros(8, 4)}, str(foreign))
+    done = run_cli("generate", "x", "--model", tiny_model, "--lora", foreign, "--steps", "1")
+    assert done.returncode == 1 and "foreign.safetensors" in done.stderr and "Traceback" not in done.stderr
