@@ -6,6 +6,7 @@ argument errors answer at once.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -84,17 +85,17 @@ def generate(
     as_json: bool = JSON_OPTION,
 ):
     """Generate videos from a text prompt; writes an mp4 and a JSON sidecar per video."""
+    _run_generate(locals())
+
+
+def _run_generate(options: dict) -> None:
+    """generate and i2v: the flags over the recipe, then one process or torchrun."""
     from hvctl.generate import GenerateRecipe, generate as run_generate
     from hvctl.recipe import load_recipe
 
-    flags = dict(
-        prompt=prompt, model=model, height=height, width=width, frames=frames, steps=steps, seed=seed,
-        guidance_scale=guidance_scale, embedded_guidance=embedded_guidance, flow_shift=flow_shift,
-        negative_prompt=negative_prompt, num_videos=num_videos, fps=fps, output=output, dtype=dtype,
-        device=device, vae_tiling=vae_tiling, text_len=text_len, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
-        lora=lora or None,
-    )
-    config = load_recipe(GenerateRecipe, recipe, overrides or (), values=flags)
+    flags = {k: v for k, v in options.items() if k not in ("recipe", "overrides", "as_json")}
+    flags["lora"] = flags.get("lora") or None
+    config = load_recipe(GenerateRecipe, options["recipe"], options["overrides"] or (), values=flags)
     processes = config.ulysses_degree * config.ring_degree
     from hvctl.parallel import under_torchrun
 
@@ -103,10 +104,30 @@ def generate(
 
         launch(sys.argv[1:], processes)  # each process runs this same command; rank 0 writes
         return
-    result = run_generate(config, progress=None if not as_json else False)
+    as_json = options["as_json"]
+    result = run_generate(config, progress=None if not as_json else False, on_warning=lambda m: typer.echo(f"warning: {m}", err=True))
     if result is None:  # not rank 0
         return
     emit(result, as_json, "\n".join(f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]))
+
+
+def i2v(image: Path, i2v_stability: Optional[bool] = None, **options):
+    """Generate videos from an image (the first frame) and a prompt, with an image-to-video model."""
+    _run_generate({"image": image, "i2v_stability": i2v_stability, **options})
+
+
+# i2v takes generate's options, after an IMAGE argument and with --stability/--no-stability.
+_generate_parameters = list(inspect.signature(generate, eval_str=True).parameters.values())
+i2v.__signature__ = inspect.Signature([
+    inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                      default=typer.Argument(..., metavar="IMAGE", help="The first frame (PNG, JPEG, ...): resized to cover the video, centre-cropped.")),
+    *_generate_parameters[:-3],
+    inspect.Parameter("i2v_stability", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[bool],
+                      default=typer.Option(None, "--stability/--no-stability",
+                                           help="Start from 0.999 noise + 0.001 image latent (default: on; flow shift 7, else 17).")),
+    *_generate_parameters[-3:],
+])
+app.command("i2v")(i2v)
 
 
 @app.command()
@@ -454,6 +475,7 @@ def model_compose(
     take: Optional[list[str]] = typer.Option(None, "--take", metavar="COMPONENT=DIR", help="Take a component from another folder, e.g. vae=runs/vae/model (repeatable)."),
     dtype: Optional[str] = typer.Option(None, help="Store the weights as float32, bfloat16 or float16."),
     defaults: Optional[list[str]] = typer.Option(None, "--default", metavar="KEY=VALUE", help="Set a generation default in hvctl.json, e.g. guidance_scale=4 (repeatable)."),
+    i2v: Optional[str] = typer.Option(None, "--i2v", help="Make the DiT image-to-video: latent_concat (new input weights at zero) or token_replace."),
     as_json: bool = JSON_OPTION,
 ):
     """Write a model folder made of another's components, recast, with new generation defaults."""
@@ -471,7 +493,7 @@ def model_compose(
             if not sep or not key:
                 raise HvctlError(f"{flag} {item}: expected KEY=VALUE")
             pairs.setdefault(flag, {})[key] = Path(value) if flag == "--take" else yaml.safe_load(value)
-    path = compose_model(base, out, take=pairs.get("--take"), dtype=dtype, defaults=pairs.get("--default"))
+    path = compose_model(base, out, take=pairs.get("--take"), dtype=dtype, defaults=pairs.get("--default"), i2v=i2v)
     info = describe(path)
     emit(info, as_json, f"wrote {path} ({info['parameters']:,} parameters)")
 

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 
 from hvctl import __version__
 from hvctl.errors import HvctlError
+from hvctl.conditioning import condition_type, latent_channels
 from hvctl.rewrite import Rewriter, RewriteRecipe
 
 
@@ -49,6 +50,8 @@ class GenerateRecipe:
     ring_degree: int = 1
     rewrite: RewriteRecipe | None = None  # rewrite the prompt first (hvctl/rewrite.py); None: as written
     lora: list[str] = field(default_factory=list)  # LoRA files, each FILE or FILE:SCALE (diffusers or kohya format)
+    image: Path | None = None  # image-to-video: the first frame (hvctl i2v); needs an i2v model
+    i2v_stability: bool = True  # start from 0.999 noise + 0.001 image latent (official --i2v-stability)
 
 
 def resolve(recipe: GenerateRecipe, defaults: dict) -> GenerateRecipe:
@@ -74,7 +77,9 @@ def resolve(recipe: GenerateRecipe, defaults: dict) -> GenerateRecipe:
         r.embedded_guidance = 6.0
     if not guidance_embeds and recipe.embedded_guidance is not None:
         raise HvctlError("--embedded-guidance given, but this model has no guidance embedding (use --guidance-scale)")
-    if recipe.flow_shift is None:  # the shift follows the step count unless set
+    if recipe.flow_shift is None and r.image is not None:  # the official I2V's: 7 with stability, 17 without
+        r.flow_shift = 7.0 if r.i2v_stability else 17.0
+    elif recipe.flow_shift is None:  # the shift follows the step count unless set
         from hvctl.flow import default_flow_shift
 
         r.flow_shift = default_flow_shift(r.steps, defaults["flow_shift"])
@@ -137,14 +142,43 @@ class TextToVideo:
                                     self.parts.text_encoder_2, text_len=r.text_len)
         self.sampler = FlowMatchEulerSampler(r.steps, r.flow_shift, r.guidance_scale, r.embedded_guidance)
         configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size)
-        channels = self.parts.transformer.config.in_channels
+        channels = latent_channels(self.parts.transformer)
         self.latent_shape = latent_shape(self.parts.vae.config, channels, r.frames, r.height, r.width)
+        kind = condition_type(self.parts.transformer)
+        if kind is not None and r.image is None:
+            raise HvctlError(f"{model_dir} is an image-to-video model ({kind}): give it an image (hvctl i2v IMAGE PROMPT)")
+        if kind is None and r.image is not None:
+            raise HvctlError(f"{model_dir} is a text-to-video model: make an image-to-video one with `hvctl model i2v-init`")
 
-    def conditions(self, prompts: list[str]):
+    def conditions(self, prompts: list[str], images: list | None = None):
+        """Text conditions for `prompts`; for an i2v model, `images` ([H, W, 3] uint8, one per
+        prompt; default: the recipe's image for every prompt) too."""
         from hvctl.sampling import Conditions
 
         negative = self.encode([self.r.negative_prompt] * len(prompts)) if self.r.guidance_scale > 1 else None
-        return Conditions(self.encode(prompts), negative)
+        image = None
+        if self.r.image is not None:
+            from hvctl.video import read_image
+
+            images = images if images is not None else [read_image(self.r.image)] * len(prompts)
+            image = self.image_condition(images)
+        return Conditions(self.encode(prompts), negative, image)
+
+    def image_condition(self, images: list):
+        """The first frames' latents: each image resized to cover the video's size, centre-cropped,
+        encoded (posterior mean) and scaled like the video latents."""
+        import torch
+
+        from hvctl.conditioning import ImageCondition
+        from hvctl.models.vae import encode_posterior
+
+        latents = []
+        for image in images:
+            frame = fit_image(image, self.r.height, self.r.width)
+            mean, _ = encode_posterior(self.parts.vae, frame[None])
+            latents.append(mean[None])
+        scaled = torch.cat(latents).to(self.device) * self.parts.vae.config.scaling_factor
+        return ImageCondition(condition_type(self.parts.transformer), scaled)
 
     def latents(self, seeds: list[int], conditions=None, on_step=None):
         """Final latents (B, C, T', H', W'): video i from seeds[i], conditioned on row i of `conditions`
@@ -155,13 +189,29 @@ class TextToVideo:
                            for seed in seeds])
         if conditions is None:
             conditions = self.conditions([self.r.prompt] * len(seeds))
-        return self.sampler(self.parts.transformer, noise.to(self.device), conditions, on_step=on_step)
+        noise = noise.to(self.device)
+        if conditions.image is not None:
+            noise = conditions.image.initial(noise, self.r.i2v_stability)
+        return self.sampler(self.parts.transformer, noise, conditions, on_step=on_step)
 
     def frames(self, latents):
         """(B, ...) latents -> (B, T, H, W, 3) uint8 numpy frames."""
         from hvctl.models.vae import decode_to_frames
 
         return decode_to_frames(self.parts.vae, latents).numpy()
+
+
+def fit_image(image, height: int, width: int):
+    """[H, W, 3] uint8 -> the video's size: scaled to cover it, then centre-cropped."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = max(height / h, width / w)
+    size = (max(width, round(w * scale)), max(height, round(h * scale)))
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+    top, left = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
+    return np.ascontiguousarray(resized[top:top + height, left:left + width])
 
 
 def prepare_model(model: Path | None) -> tuple[Path, dict]:

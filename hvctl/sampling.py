@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from hvctl.conditioning import ImageCondition
 from hvctl.flow import euler_step, sampling_sigmas, timestep_from_sigma
 from hvctl.models.text import TextConditions
 
@@ -19,6 +20,7 @@ from hvctl.models.text import TextConditions
 class Conditions:
     text: TextConditions
     negative_text: TextConditions | None = None  # needed for true classifier-free guidance
+    image: ImageCondition | None = None  # image-to-video models (hvctl/conditioning.py)
 
 
 def predict_velocity(model, latents: torch.Tensor, sigma: torch.Tensor, text: TextConditions,
@@ -55,14 +57,18 @@ class FlowMatchEulerSampler:
         text = TextConditions.cat([conditions.text, conditions.negative_text]) if use_cfg else conditions.text
         sigmas = sampling_sigmas(self.steps, self.shift).to(noise.device)
         latents = noise.float()
+        image = conditions.image
         for i in range(self.steps):
+            model_input = latents if image is None else image.model_input(latents)
             # Conditional and unconditional passes share one batch.
-            velocity = predict_velocity(model, torch.cat([latents] * 2) if use_cfg else latents, sigmas[i], text,
-                                        self.embedded_guidance)
+            velocity = predict_velocity(model, torch.cat([model_input] * 2) if use_cfg else model_input, sigmas[i],
+                                        text, self.embedded_guidance)
             if use_cfg:
                 cond, uncond = velocity.chunk(2)
                 velocity = uncond + self.guidance_scale * (cond - uncond)
             latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
+            if image is not None:
+                latents = image.after_step(latents)
             if on_step is not None:
                 on_step(i + 1)
         return latents

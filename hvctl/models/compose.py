@@ -9,7 +9,8 @@ from pathlib import Path
 from hvctl.errors import HvctlError
 
 def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None, dtype: str | None = None,
-                  defaults: dict | None = None) -> Path:
+                  defaults: dict | None = None, i2v: str | None = None) -> Path:
+    """i2v: make the DiT an image-to-video one of that design (hvctl/conditioning.py)."""
     import torch
 
     from hvctl.models.loading import ModelFolder, load_component, quiet_libraries
@@ -34,12 +35,16 @@ def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None,
             components[name] = FlowMatchEulerDiscreteScheduler.from_config(source.component_config(name))
         else:
             components[name] = load_component(source, name, dtype=torch.float32)  # applies to weighted parts only
+    if i2v is not None:
+        from hvctl.conditioning import expand_for_i2v
+
+        components["transformer"] = expand_for_i2v(components["transformer"], i2v)
     generation = {k: v for k, v in folder.generation_defaults.items() if k != "guidance_embeds"}
     unknown = sorted(set(defaults or {}) - set(generation))
     if unknown:
         raise HvctlError(f"--default {', '.join(unknown)}: not a generation setting; choose from {', '.join(sorted(generation))}")
     generation.update(defaults or {})
     extra = {k: v for k, v in folder.hvctl_info.items() if k not in ("generation", "weights", "hvctl_version")}
-    extra["composed_from"] = {"base": str(base), **{k: str(v) for k, v in take.items()}}
+    extra["composed_from"] = {"base": str(base), **{k: str(v) for k, v in take.items()}, **({"i2v": i2v} if i2v else {})}
     return write_model_folder(out, components, generation, meta=False, index=folder.index,
                               dtype=getattr(torch, dtype) if dtype else None, extra=extra)

@@ -105,6 +105,9 @@ class TrainRecipe:
     init_guidance_embeds: bool | None = None
     trainable: list[str] | None = None  # parameter-name prefixes to train (e.g. [decoder]); None: all
     lora: LoraSettings | None = None  # DiT only: train LoRA adapters instead (hvctl/lora.py); None: full weights
+    # Make a text-to-video DiT image-to-video before training (hvctl/conditioning.py); a model that
+    # already is one is trained as it is.
+    i2v: Literal["latent_concat", "token_replace"] | None = None
     # VAE runs: the exported VAE's scaling_factor becomes 1/std of its latents on the training data
     # (as Stable Diffusion set its own), so the DiT sees unit-variance latents. Off by default: it
     # would break a pretrained DiT's match with a finetuned official VAE.

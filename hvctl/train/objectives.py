@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hvctl.conditioning import training_condition
 from hvctl.errors import HvctlError
 from hvctl.flow import add_noise, loss_weights, sample_training_sigmas, timestep_from_sigma, velocity_target
 
@@ -41,15 +42,17 @@ class FlowMatchingObjective:
         return {"x0": x0, "noise": noise, "sigma": sigma, "text": (text, mask, pooled)}
 
     @staticmethod
-    def predict(model, x0, noise, sigma, text, guidance=None):
-        """The model's velocity for x0 noised to sigma; guidance: per-sample scales for an embedding."""
+    def predict(model, x0, noise, sigma, text, guidance=None, image=None):
+        """The model's velocity for x0 noised to sigma; guidance: per-sample scales for an embedding;
+        image: an image-to-video model's condition (hvctl/conditioning.py)."""
         device = next(model.parameters()).device
         states, mask, pooled = text
         # Padding is masked out of attention, so only the batch's longest text need be computed:
         # toy captions fill a third of text_len, and the text tokens outnumber an image's.
         longest = max(int(mask.sum(dim=1).max()), 1)
+        noisy = add_noise(x0, noise, sigma)
         return model(
-            hidden_states=add_noise(x0, noise, sigma).to(device), timestep=timestep_from_sigma(sigma).to(device),
+            hidden_states=(noisy if image is None else image.model_input(noisy)).to(device), timestep=timestep_from_sigma(sigma).to(device),
             encoder_hidden_states=states[:, :longest].to(device), encoder_attention_mask=mask[:, :longest].to(device),
             pooled_projections=pooled.to(device),
             guidance=None if guidance is None else (guidance * 1000.0).to(device), return_dict=False,
@@ -60,9 +63,15 @@ class FlowMatchingObjective:
         b = self.noised(batch, generator, stratum)
         n = b["x0"].shape[0]
         guidance = torch.full((n,), self.flow.guidance) if model.config.guidance_embeds else None
-        prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], guidance)
+        image = training_condition(model, b["x0"])
+        prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], guidance, image)
         target = velocity_target(b["x0"], b["noise"]).to(prediction.device)
-        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3, 4))
+        squared = F.mse_loss(prediction, target, reduction="none")
+        if image is None:
+            per_sample = squared.mean(dim=(1, 2, 3, 4))
+        else:  # token_replace: frame 0 is given, not predicted
+            weight = image.loss_mask(squared).expand_as(squared)
+            per_sample = (squared * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4))
         loss = (loss_weights(b["sigma"], self.flow.loss_weighting).to(prediction.device) * per_sample).mean()
         return loss, {"loss": loss.item(), "sigma_mean": b["sigma"].mean().item()}
 

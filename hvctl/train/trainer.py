@@ -82,6 +82,13 @@ class Trainer:
             self.model = component_from_config(folder, self.component).to(self.device)
         else:
             self.model = load_component(folder, self.component, dtype=torch.float32, device=self.device)
+        if r.i2v is not None:
+            from hvctl.conditioning import condition_type, expand_for_i2v
+
+            if condition_type(self.model) is None:
+                self.model = expand_for_i2v(self.model, r.i2v).to(self.device)
+            elif condition_type(self.model) != r.i2v:
+                raise HvctlError(f"i2v: {r.i2v}, but the model is already {condition_type(self.model)}")
         self.model.train().requires_grad_(True)
         if r.trainable is not None:
             self._freeze_all_but(r.trainable)
