@@ -104,3 +104,22 @@ def test_a_community_folder_takes_official_defaults_and_its_scheduler_shift(tiny
     defaults = ModelFolder.open(folder).generation_defaults
     assert (defaults["frames"], defaults["steps"], defaults["flow_shift"]) == (129, 50, 5.0)
     assert defaults["guidance_embeds"] is True and defaults["embedded_guidance"] == 6.0
+
+
+def test_toy_text_encoders_give_unit_scale_states_that_tell_words_apart():
+    import torch
+
+    from hvctl.models.presets import build_components, get_preset
+    from hvctl.models.text import PromptEncoder
+
+    prompts = ["a red circle moves left on a black background", "a green square moves left on a black background"]
+    stds = {}
+    for preset in ("tiny", "toy"):
+        c = build_components(get_preset(preset), seed=0)
+        states = PromptEncoder(c["tokenizer"], c["text_encoder"], c["tokenizer_2"], c["text_encoder_2"], text_len=64)(prompts)
+        n = int(states.llm_mask[0].sum())
+        stds[preset] = float(states.llm_states[0, :n].std())
+        if preset == "toy":  # "red" vs "green" and "circle" vs "square": far apart; shared words: the same
+            cos = torch.nn.functional.cosine_similarity(states.llm_states[0, :n], states.llm_states[1, :n], dim=-1)
+            assert (cos < 0.5).sum() == 2 and (cos > 0.99).sum() == n - 2
+    assert stds["tiny"] < 0.1 < 0.5 < stds["toy"] < 2.0
