@@ -148,7 +148,7 @@ class TextToVideo:
         if kind is not None and r.image is None:
             raise HvctlError(f"{model_dir} is an image-to-video model ({kind}): give it an image (hvctl i2v IMAGE PROMPT)")
         if kind is None and r.image is not None:
-            raise HvctlError(f"{model_dir} is a text-to-video model: make an image-to-video one with `hvctl model i2v-init`")
+            raise HvctlError(f"{model_dir} is a text-to-video model: make an image-to-video one with `hvctl model compose MODEL OUT --i2v token_replace`")
 
     def conditions(self, prompts: list[str], images: list | None = None):
         """Text conditions for `prompts`; for an i2v model, `images` ([H, W, 3] uint8, one per
