@@ -211,7 +211,7 @@ def fit_image(image, height: int, width: int):
     size = (max(width, round(w * scale)), max(height, round(h * scale)))
     resized = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
     top, left = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
-    return np.ascontiguousarray(resized[top:top + height, left:left + width])
+    return resized[top:top + height, left:left + width].copy()  # PIL's array is read-only
 
 
 def prepare_model(model: Path | None) -> tuple[Path, dict]:
