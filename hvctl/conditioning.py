@@ -15,8 +15,12 @@ says how it is to be conditioned, and diffusers reads the same folder.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hvctl.errors import HvctlError
+
+if TYPE_CHECKING:
+    import torch
 
 CONDITION_TYPES = ("latent_concat", "token_replace")
 STABILITY_NOISE = 0.999  # official --i2v-stability: start from 0.999 noise + 0.001 image latent

@@ -96,3 +96,14 @@ def tiny_llm(tmp_path_factory):
     LlamaForCausalLM(_tiny_llama(len(tokenizer))).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def small_cache(root, model, *, videos, images, seed, frames=5):
+    """Toy samples at 32x32, rendered into root/data and encoded by `model` into root/cache."""
+    from hvctl.encode import EncodeRecipe, encode
+    from hvctl.toy.render import render_dataset
+
+    render_dataset(root / "data", videos=videos, images=images, seed=seed, split="train", sizes=[(32, 32)])
+    encode(EncodeRecipe(manifest=root / "data" / "manifest.jsonl", out=root / "cache", model=model,
+                        aspect_buckets=[(32, 32)], frame_buckets=[frames], caption_variants=2))
+    return root / "cache"

@@ -5,22 +5,16 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
-from hvctl.encode import EncodeRecipe, encode
+from conftest import run_cli, small_cache
 from hvctl.errors import HvctlError
 from hvctl.recipe import load_recipe
-from hvctl.toy.render import render_dataset
 from hvctl.train.config import DistillRecipe
 from hvctl.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("distill-data")
-    render_dataset(root / "data", videos=4, images=4, seed=6, split="train", sizes=[(32, 32)])
-    encode(EncodeRecipe(manifest=root / "data" / "manifest.jsonl", out=root / "cache", model=tiny_model,
-                        aspect_buckets=[(32, 32)], frame_buckets=[5], caption_variants=2))
-    return root / "cache"
+    return small_cache(tmp_path_factory.mktemp("distill-data"), tiny_model, videos=4, images=4, seed=6)
 
 
 def write_recipe(path, teacher, cache, out, steps=4):

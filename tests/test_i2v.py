@@ -2,12 +2,11 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, small_cache
 from hvctl.conditioning import ImageCondition, expand_for_i2v
 from hvctl.toy.world import render, sample_spec
 from hvctl.video import read_video, write_image
@@ -115,13 +114,7 @@ def test_token_replace_training_leaves_frame_zero_out_of_the_loss(i2v_models):
 
 
 def test_hvctl_train_trains_an_i2v_model_on_videos(i2v_models, tiny_model, tmp_path):
-    from hvctl.encode import EncodeRecipe, encode
-    from hvctl.toy.render import render_dataset
-
-    render_dataset(tmp_path / "data", videos=4, images=0, seed=3, split="train", sizes=[(32, 32)])
-    encode(EncodeRecipe(manifest=tmp_path / "data" / "manifest.jsonl", out=tmp_path / "cache",
-                        model=i2v_models["latent_concat"], aspect_buckets=[(32, 32)], frame_buckets=[9],
-                        caption_variants=1))
+    small_cache(tmp_path, i2v_models["latent_concat"], videos=4, images=0, seed=3, frames=9)
     recipe = tmp_path / "i2v.yaml"
     recipe.write_text("\n".join([
         "kind: train", "target: dit", f"model: {i2v_models['latent_concat']}", f"out: {tmp_path / 'run'}",

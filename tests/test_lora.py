@@ -7,18 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
-from hvctl.encode import EncodeRecipe, encode
-from hvctl.toy.render import render_dataset
+from conftest import run_cli, small_cache
 from hvctl.video import read_video
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("lora")
-    render_dataset(root / "data", videos=4, images=4, seed=8, split="train", sizes=[(32, 32)])
-    encode(EncodeRecipe(manifest=root / "data" / "manifest.jsonl", out=root / "cache", model=tiny_model,
-                        aspect_buckets=[(32, 32)], frame_buckets=[5], caption_variants=2))
+    small_cache(root, tiny_model, videos=4, images=4, seed=8)
     recipe = root / "lora.yaml"
     recipe.write_text("\n".join([
         "kind: train", "target: dit", f"model: {tiny_model}", f"out: {root / 'run'}", "steps: 6", "seed: 2",
