@@ -39,11 +39,13 @@ class Plugin:
     description: str
 
     def create(self, **options):
-        try:
-            return self.factory(**options)
+        signature = inspect.signature(self.factory)
+        try:  # checked before the call, so a TypeError inside the plugin stays its own
+            signature.bind(**options)
         except TypeError as e:
-            accepted = ", ".join(inspect.signature(self.factory).parameters) or "none"
+            accepted = ", ".join(signature.parameters) or "none"
             raise HvctlError(f"{self.kind} '{self.name}': bad options {sorted(options)} ({e}); accepted: {accepted}") from None
+        return self.factory(**options)
 
 
 _registry: dict[tuple[str, str], Plugin] = {}
