@@ -111,7 +111,8 @@ def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
             t2v.sampler = replace(t2v.sampler, steps=r.steps, shift=r.flow_shift)
         for form, texts in prompt_forms:
             started, measurements = time.perf_counter(), []
-            folder = Path(s.out or ".") / (f"steps{r.steps}" if form == "canonical" else f"steps{r.steps}-{form}")
+            if s.out is not None:
+                folder = Path(s.out) / (f"steps{r.steps}" if form == "canonical" else f"steps{r.steps}-{form}")
             with progress_bar(len(samples), f"eval {r.steps} steps, {form} prompts", enabled=progress) as advance:
                 for first in range(0, len(samples), s.batch_size):
                     batch = samples[first:first + s.batch_size]

@@ -373,38 +373,39 @@ class Trainer:
             tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
         return tensors
 
-    def _export_module(self) -> torch.nn.Module | None:
+    def _export_module(self) -> tuple[torch.nn.Module | None, dict | None]:
         """On rank 0, a fresh module holding the full weights to save as the model (the EMA's
-        when EMA is on); None elsewhere. Every rank must call it: sharded weights are gathered."""
+        when EMA is on), and for LoRA runs the adapter's file weights; (None, None) elsewhere.
+        Every rank must call it: sharded weights are gathered."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.ema is not None:
             state.update({k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.ema.shadow.items()})
         if not self.ranks.is_main:
-            return None
+            return None, None
         module = self.model_class.from_config(self.model.config)
         if self.r.lora is not None:  # the base weights, then the adapter merged in
             from hvctl.lora import lora_state_dict, merged_into
 
-            self.lora_weights = lora_state_dict(self.model, self.r.lora, state)
+            lora_weights = lora_state_dict(self.model, self.r.lora, state)
             module.load_state_dict({k.replace(".base_layer", ""): v for k, v in state.items() if ".lora_" not in k})
-            return merged_into(module, self.lora_weights)
+            return merged_into(module, lora_weights), lora_weights
         module.load_state_dict(state)
-        return module
+        return module, None
 
     def save(self) -> Path:
         from hvctl.train.checkpoint import copy_model_folder, save_checkpoint, write_state_files
 
-        module = self._export_module()
+        module, lora_weights = self._export_module()
 
         def write_main(folder: Path) -> None:
             copy_model_folder(self.base_model, folder / "model", self.component)
             module.save_pretrained(folder / "model" / self.component, safe_serialization=True)
-            if self.r.lora is not None:  # also the adapter alone, for `generate --lora`
+            if lora_weights is not None:  # also the adapter alone, for `generate --lora`
                 from hvctl.lora import save_lora
 
-                save_lora(folder / "lora" / "pytorch_lora_weights.safetensors", self.lora_weights)
+                save_lora(folder / "lora" / "pytorch_lora_weights.safetensors", lora_weights)
             if self.teacher is not None:
                 _embed_guidance_defaults(folder / "model")
             trainer = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
