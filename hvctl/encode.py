@@ -84,10 +84,12 @@ class Encoder:
         import torch
 
         from hvctl.generate import resolve_device_dtype
-        from hvctl.models.loading import folder_fingerprint, load_components
+        from hvctl.models.loading import ModelFolder, folder_fingerprint, load_components
         from hvctl.models.text import PromptEncoder
         from hvctl.models.vae import configure_tiling
 
+        if ModelFolder.open(model_dir).reads_images:
+            raise HvctlError(f"{model_dir}: its LLaVA text encoder reads each prompt with an image; hvctl encode needs a text-only one")
         device, dtype = resolve_device_dtype(r.device, r.dtype)
         self.parts = load_components(model_dir, dtype=dtype, device=device, parts=("vae", "text"))
         configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size)

@@ -127,7 +127,7 @@ class TextToVideo:
 
     def __init__(self, model_dir: Path, r: GenerateRecipe, device, dtype):
         from hvctl.models.loading import load_components
-        from hvctl.models.text import PromptEncoder
+        from hvctl.models.text import ImagePromptEncoder, PromptEncoder
         from hvctl.models.vae import configure_tiling, latent_shape
         from hvctl.sampling import FlowMatchEulerSampler
 
@@ -138,35 +138,45 @@ class TextToVideo:
 
             load_loras(self.parts.transformer, [parse_lora_spec(spec) for spec in r.lora])
         self.device = device
-        self.encode = PromptEncoder(self.parts.tokenizer, self.parts.text_encoder, self.parts.tokenizer_2,
-                                    self.parts.text_encoder_2, text_len=r.text_len)
-        self.sampler = FlowMatchEulerSampler(r.steps, r.flow_shift, r.guidance_scale, r.embedded_guidance)
-        configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size)
-        channels = latent_channels(self.parts.transformer)
-        self.latent_shape = latent_shape(self.parts.vae.config, channels, r.frames, r.height, r.width)
         kind = condition_type(self.parts.transformer)
         if kind is not None and r.image is None:
             raise HvctlError(f"{model_dir} is an image-to-video model ({kind}): give it an image (hvctl i2v IMAGE PROMPT)")
         if kind is None and r.image is not None:
             raise HvctlError(f"{model_dir} is a text-to-video model: make an image-to-video one with `hvctl model compose MODEL OUT --i2v token_replace`")
+        p = self.parts
+        if p.image_processor is not None:  # the official I2V's LLaVA reads the image with the prompt
+            self.encode = ImagePromptEncoder(p.tokenizer, p.text_encoder, p.tokenizer_2, p.text_encoder_2,
+                                             p.image_processor, condition=kind, text_len=r.text_len)
+        else:
+            self.encode = PromptEncoder(p.tokenizer, p.text_encoder, p.tokenizer_2, p.text_encoder_2, text_len=r.text_len)
+        self.sampler = FlowMatchEulerSampler(r.steps, r.flow_shift, r.guidance_scale, r.embedded_guidance)
+        configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size)
+        channels = latent_channels(self.parts.transformer)
+        self.latent_shape = latent_shape(self.parts.vae.config, channels, r.frames, r.height, r.width)
 
     def conditions(self, prompts: list[str], images: list | None = None):
         """Text conditions for `prompts`; for an i2v model, `images` ([H, W, 3] uint8, one per
-        prompt; default: the recipe's image for every prompt) too."""
+        prompt; default: the recipe's image for every prompt) too. A LLaVA text encoder reads each
+        prompt with its image, and the negative prompt with a black one (as diffusers does)."""
+        import numpy as np
+
         from hvctl.sampling import Conditions
 
-        negative = self.encode([self.r.negative_prompt] * len(prompts)) if self.r.guidance_scale > 1 else None
         image = None
         if self.r.image is not None:
             from hvctl.video import read_image
 
             images = images if images is not None else [read_image(self.r.image)] * len(prompts)
             image = self.image_condition(images)
-        return Conditions(self.encode(prompts), negative, image)
+        negative = None
+        if self.r.guidance_scale > 1:
+            black = [np.zeros((self.r.height, self.r.width, 3), np.uint8)] * len(prompts) if images is not None else None
+            negative = self.encode([self.r.negative_prompt] * len(prompts), black)
+        return Conditions(self.encode(prompts, images), negative, image)
 
     def image_condition(self, images: list):
         """The first frames' latents: each image resized to cover the video's size, centre-cropped,
-        encoded (posterior mean) and scaled like the video latents."""
+        encoded (posterior mean, already scaled like the video latents by encode_posterior)."""
         import torch
 
         from hvctl.conditioning import ImageCondition
@@ -177,8 +187,7 @@ class TextToVideo:
             frame = fit_image(image, self.r.height, self.r.width)
             mean, _ = encode_posterior(self.parts.vae, frame[None])
             latents.append(mean[None])
-        scaled = torch.cat(latents).to(self.device) * self.parts.vae.config.scaling_factor
-        return ImageCondition(condition_type(self.parts.transformer), scaled)
+        return ImageCondition(condition_type(self.parts.transformer), torch.cat(latents).to(self.device))
 
     def latents(self, seeds: list[int], conditions=None, on_step=None):
         """Final latents (B, C, T', H', W'): video i from seeds[i], conditioned on row i of `conditions`

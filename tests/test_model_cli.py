@@ -123,3 +123,18 @@ def test_toy_text_encoders_give_unit_scale_states_that_tell_words_apart():
             cos = torch.nn.functional.cosine_similarity(states.llm_states[0, :n], states.llm_states[1, :n], dim=-1)
             assert (cos < 0.5).sum() == 2 and (cos > 0.99).sum() == n - 2
     assert stds["tiny"] < 0.1 < 0.5 < stds["toy"] < 2.0
+
+
+def test_toy_clip_pools_a_bag_of_words():
+    import torch
+
+    from hvctl.models.presets import build_components, get_preset
+    from hvctl.models.text import PromptEncoder
+
+    prompts = ["a red circle moves left on a black background", "circle a red moves left on a black background",
+               "a red circle moves left on a white background", "a blue square stays still on a white background"]
+    c = build_components(get_preset("toy"), seed=0)
+    pooled = PromptEncoder(c["tokenizer"], c["text_encoder"], c["tokenizer_2"], c["text_encoder_2"], text_len=64)(prompts).pooled
+    cos = torch.nn.functional.cosine_similarity(pooled[:, None], pooled[None], dim=-1)
+    assert cos[0, 1] > 0.9999  # word order does not matter
+    assert cos[0, 3] < cos[0, 2] < 0.99  # each differing word moves it, more words further

@@ -56,7 +56,8 @@ def meta_parameter_count(folder: ModelFolder, name: str) -> int:
 def describe(path) -> dict:
     folder = ModelFolder.open(path)
     components = {}
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer", "tokenizer_2"):
+    names = ["transformer", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer", "tokenizer_2"]
+    for name in names + (["image_processor"] if folder.reads_images else []):
         library, class_name = folder.component_class(name)
         entry = {"class": f"{library}.{class_name}"}
         if name in WEIGHTED:

@@ -1,6 +1,8 @@
 """Load a diffusers-format HunyuanVideo model folder into diffusers and transformers classes.
 
-The folder's model_index.json names each component's library and class, as diffusers reads it.
+The folder's model_index.json names each component's library and class, as diffusers reads it:
+HunyuanVideoPipeline's, or HunyuanVideoImageToVideoPipeline's (the official I2V: a LLaVA text
+encoder that reads the image too, with its `image_processor`).
 Only the classes listed in COMPONENT_CLASSES are accepted (never an arbitrary import string),
 and weights are read from safetensors only.
 """
@@ -22,10 +24,11 @@ COMPONENT_CLASSES = {
     "transformer": {("diffusers", "HunyuanVideoTransformer3DModel")},
     "vae": {("diffusers", "AutoencoderKLHunyuanVideo")},
     "scheduler": {("diffusers", "FlowMatchEulerDiscreteScheduler")},
-    "text_encoder": {("transformers", "LlamaModel")},
+    "text_encoder": {("transformers", "LlamaModel"), ("transformers", "LlavaForConditionalGeneration")},
     "text_encoder_2": {("transformers", "CLIPTextModel")},
-    "tokenizer": {("transformers", c) for c in ("PreTrainedTokenizerFast", "LlamaTokenizerFast", "LlamaTokenizer", "AutoTokenizer")},
+    "tokenizer": {("transformers", c) for c in ("PreTrainedTokenizerFast", "TokenizersBackend", "LlamaTokenizerFast", "LlamaTokenizer", "AutoTokenizer")},
     "tokenizer_2": {("transformers", c) for c in ("CLIPTokenizer", "CLIPTokenizerFast")},
+    "image_processor": {("transformers", c) for c in ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil")},
 }
 WEIGHTED = ("transformer", "vae", "text_encoder", "text_encoder_2")
 
@@ -79,6 +82,11 @@ class ModelFolder:
         return _read_json(file)
 
     @property
+    def reads_images(self) -> bool:
+        """Whether the text encoder reads the image with the prompt (a LLaVA, the official I2V's)."""
+        return self.component_class("text_encoder")[1] == "LlavaForConditionalGeneration"
+
+    @property
     def has_weights(self) -> bool:
         return self.hvctl_info.get("weights", True)
 
@@ -112,6 +120,7 @@ class Components:
     tokenizer: object = None
     text_encoder_2: object = None
     tokenizer_2: object = None
+    image_processor: object = None  # with a LLaVA text encoder only
     scheduler_config: dict | None = None
 
 
@@ -150,10 +159,14 @@ def component_from_config(folder: ModelFolder, name: str):
 
 
 def load_components(path: str | Path, *, dtype=None, device=None, parts=("transformer", "vae", "text")) -> Components:
-    """Load the asked parts of a model folder: "transformer", "vae", "text" (both encoders and tokenizers)."""
+    """Load the asked parts of a model folder: "transformer", "vae", "text" (both encoders and tokenizers, and the
+    image processor of a LLaVA text encoder)."""
     quiet_libraries()
     folder = ModelFolder.open(path)
-    names = [n for part in parts for n in (("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if part == "text" else (part,))]
+    text = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    names = [n for part in parts for n in (text if part == "text" else [part])]
+    if "text" in parts and folder.reads_images:
+        names.append("image_processor")
     loaded = {name: load_component(folder, name, dtype=dtype, device=device) for name in names}
     return Components(folder=folder, scheduler_config=folder.component_config("scheduler"), **loaded)
 

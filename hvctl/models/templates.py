@@ -47,3 +47,21 @@ PROMPT_TEMPLATES = {
 def crop_start(tokenizer, template: PromptTemplate) -> int:
     """Number of tokens (BOS included) the template puts before the prompt."""
     return len(tokenizer(template.prefix, add_special_tokens=True)["input_ids"])
+
+
+# The official HunyuanVideo-I2V's template (diffusers' HunyuanVideoImageToVideoPipeline): the
+# LLaVA text encoder sees the image where `<image>` is, and the chat ends with the assistant's
+# header. Kept out of PROMPT_TEMPLATES: those are the text-only ones, and the tiny tokenizers
+# learn their merges from them (hvctl/models/tokenizers.py).
+I2V_TEMPLATE = PromptTemplate(
+    "i2v",
+    "<|start_header_id|>system<|end_header_id|>\n\n<image>\nDescribe the video by detailing the following aspects "
+    "according to the reference image: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>\n\n"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+)
