@@ -406,6 +406,8 @@ def eval_toy(
     rewrite: Optional[str] = typer.Option(None, "--rewrite", help="Instead of the canonical prompts: paraphrased ones, "
                                           "as written and rewritten by this rewriter (e.g. lexicon)."),
     rewrite_model: Optional[Path] = typer.Option(None, "--rewrite-model", help="The rewriter's model folder (llm)."),
+    i2v: bool = typer.Option(False, "--i2v", help="An image-to-video model: start each video from its eval video's "
+                             "first frame and report frame 0's PSNR against it."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
     as_json: bool = JSON_OPTION,
 ):
@@ -416,12 +418,14 @@ def eval_toy(
     for name, value in (("prompts", prompts), ("batch-size", batch_size)):
         if value < 1:
             raise HvctlError(f"--{name} must be at least 1, got {value}")
+    if i2v and rewrite:
+        raise HvctlError("--i2v and --rewrite: choose one")
     if vae_videos < 0 or any(n < 1 for n in steps or ()):
         raise HvctlError("--vae-videos must be >= 0 and --steps >= 1")
     settings = ToyEvalSettings(model=model, prompts=prompts, seed=seed, steps=tuple(steps or ()),
                                guidance_scale=guidance_scale, embedded_guidance=embedded_guidance,
                                flow_shift=flow_shift, batch_size=batch_size, vae_videos=vae_videos, out=out,
-                               device=device,
+                               device=device, i2v=i2v,
                                rewrite=RewriteRecipe(rewriter=rewrite, model=rewrite_model) if rewrite else None)
     result = evaluate_toy(settings, progress=None if not as_json else False)
     if as_json:
@@ -441,6 +445,10 @@ def eval_toy(
                           *(f"{100 * acc[k]:.1f}%" for k in ("strict", *ATTRIBUTES)))
     console = Console()
     console.print(table)
+    for run in result["runs"]:
+        if "frame0_psnr" in run:
+            console.print(f"{run['steps']} steps: frame 0 against the condition image: {run['frame0_psnr']:.2f} dB mean PSNR "
+                          f"(min {run['frame0_psnr_min']:.2f})")
     if "vae" in result:
         v = result["vae"]
         console.print(f"VAE reconstruction: {v['psnr']:.2f} dB mean PSNR (min {v['psnr_min']:.2f}) over {v['videos']} eval videos")

@@ -132,3 +132,26 @@ def test_hvctl_train_trains_an_i2v_model_on_videos(i2v_models, tiny_model, tmp_p
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "run2" / "model" / "transformer" / "config.json").read_text())
     assert config["image_condition_type"] == "token_replace"
+
+
+def test_eval_toy_i2v_scores_frame_0_against_each_condition_image(i2v_models, tmp_path):
+    from hvctl.models.loading import load_components
+    from hvctl.models.vae import decode_to_frames, encode_posterior
+    from hvctl.toy.evaluate import prompt_set, psnr
+
+    model = i2v_models["token_replace"]
+    result = run_cli("eval", "toy", "--model", model, "--i2v", "--prompts", "2", "--steps", "2", "--vae-videos", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout)["runs"][0]
+    # token_replace keeps frame 0's latent equal to the image's, so frame 0 is the VAE's own
+    # reconstruction of each condition image, whatever the (random) DiT does.
+    vae = load_components(model, parts=("vae",)).vae
+    expected = []
+    for sample in prompt_set(2, seed=0):
+        image = render(sample_spec(0, sample.index, "eval", "video", size=(run["height"], run["width"]),
+                                   frames=run["frames"]))[0]
+        mean, _ = encode_posterior(vae, image[None])
+        expected.append(psnr(image, decode_to_frames(vae, mean[None])[0].numpy()[0]))
+    assert run["frame0_psnr"] == pytest.approx(sum(expected) / 2, abs=0.5)
+    assert run["accuracy"]["seen"]["n"] + run["accuracy"].get("held_out", {"n": 0})["n"] == 2
+    assert run_cli("eval", "toy", "--model", model, "--i2v", "--rewrite", "lexicon").returncode == 1

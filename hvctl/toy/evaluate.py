@@ -5,7 +5,9 @@ pairs) is generated at the model's default settings unless told otherwise, and e
 measured by `hvctl.toy.world.measure`. Strict accuracy counts videos whose colour, shape, motion
 and background all match the prompt; per-attribute accuracies stand beside it, separately for
 seen and held-out compositions. The VAE is scored apart, by its reconstruction PSNR on rendered
-eval videos.
+eval videos. With `i2v`, an image-to-video model starts each video from the first frame of the
+prompt's rendered eval video: frame 0's PSNR against that image is reported beside the accuracies
+(colour and shape should be kept from the image, motion should follow the prompt).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class ToyEvalSettings:
     out: Path | None = None  # also write every video and the per-video measurements here
     device: str = "auto"
     rewrite: RewriteRecipe | None = None  # also: paraphrased prompts, as written and rewritten
+    i2v: bool = False  # an image-to-video model, given each eval video's first frame
 
 
 def prompt_set(n: int, seed: int):
@@ -79,16 +82,14 @@ def vae_psnr(vae, n: int, seed: int, height: int, width: int, frames: int) -> di
 
 
 def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
-    from hvctl.generate import GenerateRecipe, TextToVideo, prepare, resolve_device_dtype
-    from hvctl.io import write_json_atomic
-    from hvctl.models.loading import folder_fingerprint
-    from hvctl.progress import progress_bar
-    from hvctl.video import write_video
+    from hvctl.generate import GenerateRecipe
 
     samples = prompt_set(s.prompts, s.seed)
     base = GenerateRecipe(prompt=samples[0].prompt() if samples else "-", model=s.model, seed=s.seed, device=s.device,
                           guidance_scale=s.guidance_scale, embedded_guidance=s.embedded_guidance,
                           flow_shift=s.flow_shift)
+    if s.i2v:
+        return _with_first_frames(s, samples, base, progress)
     result = {"model": None, "prompts": s.prompts, "seed": s.seed, "runs": []}
     prompt_forms = [("canonical", [x.prompt() for x in samples])]
     if s.rewrite is not None:
@@ -100,6 +101,31 @@ def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
         result["rewrite"] = {"rewriter": s.rewrite.rewriter, "mode": s.rewrite.mode,
                              "kept_as_written": sum(x["warning"] is not None for x in rewritten),
                              "exact_canonical": sum(x["rewritten"] == sample.prompt() for x, sample in zip(rewritten, samples))}
+    return _generate_and_score(s, samples, base, prompt_forms, result, progress)
+
+
+def _with_first_frames(s: ToyEvalSettings, samples, base, progress) -> dict:
+    """The i2v evaluation: the recipe names the first sample's image (an i2v model needs one);
+    each batch passes its own samples' first frames."""
+    import tempfile
+
+    from hvctl.video import write_image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "first.png"
+        write_image(image, render(samples[0])[0])
+        result = {"model": None, "prompts": s.prompts, "seed": s.seed, "i2v": True, "runs": []}
+        return _generate_and_score(s, samples, replace(base, image=image), [("canonical", [x.prompt() for x in samples])],
+                                   result, progress)
+
+
+def _generate_and_score(s: ToyEvalSettings, samples, base, prompt_forms, result, progress) -> dict:
+    from hvctl.generate import TextToVideo, prepare, resolve_device_dtype
+    from hvctl.io import write_json_atomic
+    from hvctl.models.loading import folder_fingerprint
+    from hvctl.progress import progress_bar
+    from hvctl.video import write_video
+
     t2v = None
     for steps in s.steps or (None,):
         r, model_dir = prepare(replace(base, steps=steps))
@@ -117,21 +143,32 @@ def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
                 for first in range(0, len(samples), s.batch_size):
                     batch = samples[first:first + s.batch_size]
                     seeds = [s.seed + first + j for j in range(len(batch))]
-                    videos = t2v.frames(t2v.latents(seeds, t2v.conditions(texts[first:first + s.batch_size])))
+                    images = [first_frame(s.seed, x, r) for x in batch] if s.i2v else None
+                    videos = t2v.frames(t2v.latents(seeds, t2v.conditions(texts[first:first + s.batch_size], images)))
                     for j, (sample, video) in enumerate(zip(batch, videos)):
                         measurements.append(_measure(sample, texts[first + j], video))
+                        if s.i2v:
+                            measurements[-1]["frame0_psnr"] = psnr(images[j], np.asarray(video[0]))
                         if s.out is not None:
                             write_video(folder / f"{first + j:04d}.mp4", video, fps=r.fps)
                     advance(len(batch))
             run = {"steps": r.steps, "prompts": form, "flow_shift": r.flow_shift, "guidance_scale": r.guidance_scale,
                    "embedded_guidance": r.embedded_guidance, "height": r.height, "width": r.width, "frames": r.frames,
                    "seconds": round(time.perf_counter() - started, 2), "accuracy": score(samples, measurements)}
+            if s.i2v:
+                frame0 = [m["frame0_psnr"] for m in measurements]
+                run["frame0_psnr"], run["frame0_psnr_min"] = float(np.mean(frame0)), float(np.min(frame0))
             result["runs"].append(run)
             if s.out is not None:
                 write_json_atomic(folder / "measurements.json", measurements)
     if s.vae_videos:
         result["vae"] = vae_psnr(t2v.parts.vae, s.vae_videos, s.seed, r.height, r.width, r.frames)
     return result
+
+
+def first_frame(seed: int, sample, r) -> np.ndarray:
+    """Frame 0 of the eval sample's video rendered at the generated size (same object and motion)."""
+    return render(sample_spec(seed, sample.index, "eval", "video", size=(r.height, r.width), frames=r.frames))[0]
 
 
 def _measure(sample, prompt, video) -> dict:
