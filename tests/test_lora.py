@@ -26,6 +26,20 @@ def lora_run(tmp_path_factory, tiny_model):
     return json.loads(done.stdout), root
 
 
+def test_a_lora_run_resumes_to_the_uninterrupted_adapter(lora_run, tmp_path):
+    report, root = lora_run
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text((root / "lora.yaml").read_text().replace(f"out: {root / 'run'}", f"out: {tmp_path / 'run'}"))
+    first = run_cli("train", recipe, "--steps", 3)  # stops at the step-3 checkpoint, as a killed run would
+    assert first.returncode == 0, first.stderr
+    second = run_cli("train", recipe, "--json")
+    assert second.returncode == 0, second.stderr
+    resumed = json.loads(second.stdout)
+    assert resumed["resumed_from"] == 3
+    a, b = load_file(report["lora"]), load_file(resumed["lora"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lora_training_changes_only_the_adapter_and_saves_it_in_diffusers_format(lora_run, tiny_model):
     report, root = lora_run
     lora = load_file(report["lora"])
