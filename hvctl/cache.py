@@ -19,6 +19,8 @@ Tensors of an entry (key = content hash of media, caption, bucket, VAE and text 
     {key}.latent_mean, {key}.latent_std   (C, T', H', W') the VAE posterior; training samples from it
     {key}.text.{v}                        (n_tokens, D) LLM states of caption variant v, padding dropped
     {key}.pooled.{v}                      (D2,) CLIP pooled output of caption variant v
+    {key}.cond.{name}                     avatar conditions (hvctl/avatar.py): reference and pose
+                                          latents, audio and expression features per frame, audio_mask
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ class CacheEntry:
     text_variants: int
     shard: str  # file name under shards/
     split: str | None = None
+    conditions: tuple[str, ...] = ()  # avatar conditions cached with it: cond.{name}
 
     @classmethod
     def from_json(cls, d: dict) -> "CacheEntry":
-        return cls(**{**d, "bucket": tuple(d["bucket"])})
+        return cls(**{**d, "bucket": tuple(d["bucket"]), "conditions": tuple(d.get("conditions", ()))})
 
 
 def shard_dir(root: Path) -> Path:
@@ -229,6 +232,7 @@ class LatentCache(torch.utils.data.Dataset):
             "id": entry.id, "key": entry.key, "bucket": entry.bucket, "kind": entry.kind,
             "latent_mean": get("latent_mean"), "latent_std": get("latent_std"),
             "text_states": text, "text_mask": mask, "pooled": get(f"pooled.{variant}"),
+            **{f"cond.{name}": get(f"cond.{name}") for name in entry.conditions},
         }
 
     def __getitem__(self, index: int) -> dict:

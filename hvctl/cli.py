@@ -130,6 +130,41 @@ i2v.__signature__ = inspect.Signature([
 app.command("i2v")(i2v)
 
 
+@app.command("avatar")
+def avatar_command(
+    reference: Optional[Path] = typer.Argument(None, metavar="REF_IMAGE", help="The reference image to animate."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="Speech or sound (wav, mp3, ...): drives the video and sets its length; muxed into the mp4."),
+    pose: Optional[Path] = typer.Option(None, "--pose", help="A pose video (e.g. keypoints drawn on black)."),
+    expression: Optional[Path] = typer.Option(None, "--expression", help="Per-frame expression features: .npy, .json or .safetensors (frames, features)."),
+    audio_mask: Optional[Path] = typer.Option(None, "--audio-mask", help="An image, white where the audio may act (a face mask). Default: everywhere."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text besides the conditions. Default: none."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="An avatar model folder (with avatar/). Default: the embedded toy avatar model."),
+    frames: Optional[int] = typer.Option(None, help="Frames, 4k+1. Default: as long as the audio, else the pose video, else the expression features."),
+    height: Optional[int] = typer.Option(None, help="Height in px, a multiple of 16."),
+    width: Optional[int] = typer.Option(None, help="Width in px, a multiple of 16."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps."),
+    seed: Optional[int] = typer.Option(None, help="Noise seed. Default: random."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="True classifier-free guidance on the text (default 1: off)."),
+    flow_shift: Optional[float] = typer.Option(None, "--flow-shift", help="Flow-matching schedule shift."),
+    window_overlap: Optional[int] = typer.Option(None, "--window-overlap", help="Latent frames shared by neighbouring windows of a long video."),
+    fps: Optional[int] = typer.Option(None, help="Frames per second."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .mp4."),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML avatar recipe; flags override it."),
+    overrides: Optional[list[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Animate a reference image by audio, pose and expression (any of them at once); long videos in blended windows."""
+    flags = {k: v for k, v in locals().items() if k not in ("recipe", "overrides", "as_json")}
+    from hvctl.avatar import AvatarRecipe, avatar as run_avatar
+    from hvctl.recipe import load_recipe
+
+    config = load_recipe(AvatarRecipe, recipe, overrides or (), values=flags)
+    result = run_avatar(config, progress=None if not as_json else False)
+    emit(result, as_json, "\n".join(f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]))
+
+
 @app.command()
 def encode(
     manifest: Optional[Path] = typer.Argument(None, help="Dataset manifest (JSONL)."),
@@ -373,11 +408,16 @@ def toy_render(
     seed: int = typer.Option(0, help="Dataset seed: the same seed gives the same files."),
     split: str = typer.Option("train", help="train (no held-out compositions) or eval (a third held out)."),
     size: Optional[list[str]] = typer.Option(None, help="HxW sizes to cycle through (default: the toy aspect buckets)."),
+    avatar: Optional[str] = typer.Option(None, "--avatar", metavar="MODES",
+                                         help="Avatar samples driven by a comma list of audio,pose,expression, or "
+                                              "hybrid (a random non-empty subset each): --videos of them, with a "
+                                              "reference image and the driving signals."),
+    frames: Optional[int] = typer.Option(None, help="Frames per avatar video, 4k+1 (default 17)."),
     as_json: bool = JSON_OPTION,
 ):
     """Render the toy world: videos (mp4), images (png) and a manifest."""
     from hvctl.progress import progress_bar
-    from hvctl.toy.render import render_dataset
+    from hvctl.toy.render import render_avatar_dataset, render_dataset
 
     sizes = None
     if size:
@@ -385,6 +425,23 @@ def toy_render(
             sizes = [tuple(int(v) for v in s.lower().split("x")) for s in size]
         except ValueError:
             raise HvctlError(f"--size {size}: expected HxW, e.g. 64x96") from None
+    if avatar is None and frames is not None:
+        raise HvctlError("--frames applies to --avatar only; toy videos draw their length from the duration buckets")
+    if avatar is not None and (images or len(sizes or ()) > 1):
+        raise HvctlError("--avatar renders videos only, at one size: give --videos and at most one --size")
+    if avatar is not None:
+        from hvctl.toy.world import avatar_modes
+
+        modes = avatar_modes(avatar)
+        with progress_bar(videos, "rendering", enabled=None if not as_json else False) as advance:
+            manifest = render_avatar_dataset(out, videos, seed, split, modes, frames=17 if frames is None else frames,
+                                             size=sizes[0] if sizes else (64, 64),
+                                             on_progress=lambda done, total: advance())
+        driven = modes if modes == "hybrid" else ",".join(modes) or "nothing"
+        emit({"manifest": str(manifest), "videos": videos, "images": 0, "seed": seed, "split": split,
+              "avatar": modes if modes == "hybrid" else list(modes)},
+             as_json, f"wrote {manifest} ({videos} avatar videos, {driven} driven, split {split})")
+        return
     with progress_bar(videos + images, "rendering", enabled=None if not as_json else False) as advance:
         manifest = render_dataset(out, videos, images, seed, split, sizes=sizes, on_progress=lambda done, total: advance())
     emit({"manifest": str(manifest), "videos": videos, "images": images, "seed": seed, "split": split}, as_json,
@@ -408,6 +465,10 @@ def eval_toy(
     rewrite_model: Optional[Path] = typer.Option(None, "--rewrite-model", help="The rewriter's model folder (llm)."),
     i2v: bool = typer.Option(False, "--i2v", help="An image-to-video model: start each video from its eval video's "
                              "first frame and report frame 0's PSNR against it."),
+    avatar: Optional[list[str]] = typer.Option(None, "--avatar", metavar="MODES", help="An avatar model (default: the "
+                                               "embedded one), driven by these modes: a comma list of audio, pose, "
+                                               "expression, or hybrid (a random subset per video); repeat for several."),
+    frames: Optional[int] = typer.Option(None, help="Avatar: frames per video (past the model's window: blended windows)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
     as_json: bool = JSON_OPTION,
 ):
@@ -418,14 +479,21 @@ def eval_toy(
     for name, value in (("prompts", prompts), ("batch-size", batch_size)):
         if value < 1:
             raise HvctlError(f"--{name} must be at least 1, got {value}")
-    if i2v and rewrite:
-        raise HvctlError("--i2v and --rewrite: choose one")
+    if sum(map(bool, (i2v, rewrite, avatar))) > 1:
+        raise HvctlError("--i2v, --rewrite and --avatar: choose one")
+    if avatar:
+        from hvctl.toy.world import avatar_modes
+
+        for spec in avatar:
+            avatar_modes(spec)  # a bad mode fails before any model loads
+    if frames is not None and (frames < 5 or (frames - 1) % 4):
+        raise HvctlError(f"--frames must be 4k+1 and at least 5, got {frames}")
     if vae_videos < 0 or any(n < 1 for n in steps or ()):
         raise HvctlError("--vae-videos must be >= 0 and --steps >= 1")
     settings = ToyEvalSettings(model=model, prompts=prompts, seed=seed, steps=tuple(steps or ()),
                                guidance_scale=guidance_scale, embedded_guidance=embedded_guidance,
                                flow_shift=flow_shift, batch_size=batch_size, vae_videos=vae_videos, out=out,
-                               device=device, i2v=i2v,
+                               device=device, i2v=i2v, avatar=tuple(avatar or ()), frames=frames,
                                rewrite=RewriteRecipe(rewriter=rewrite, model=rewrite_model) if rewrite else None)
     result = evaluate_toy(settings, progress=None if not as_json else False)
     if as_json:
@@ -436,6 +504,9 @@ def eval_toy(
 
     from hvctl.toy.evaluate import ATTRIBUTES
 
+    if result.get("avatar"):
+        Console().print(_avatar_table(result))
+        return
     table = Table(title=f"toy eval: {result['model']['path']}")
     for column in ("steps", "prompts", "compositions", "videos", "strict", *ATTRIBUTES):
         table.add_column(column, justify="right")
@@ -452,6 +523,22 @@ def eval_toy(
     if "vae" in result:
         v = result["vae"]
         console.print(f"VAE reconstruction: {v['psnr']:.2f} dB mean PSNR (min {v['psnr_min']:.2f}) over {v['videos']} eval videos")
+
+
+def _avatar_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title=f"toy avatar eval: {result['model']['path']}")
+    for column in ("modes", "frames", "compositions", "videos", "size~audio r", "pose error px", "rotation error deg",
+                   "colour kept", "shape kept", "background kept"):
+        table.add_column(column, justify="right")
+    number = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
+    for run in result["runs"]:
+        for group, row in run["scores"].items():
+            table.add_row(run["modes"], str(run["frames"]), group.replace("_", "-"), str(row["n"]),
+                          number(row["size_correlation"]), number(row["pose_error_px"]), number(row["rotation_error_deg"]),
+                          *(f"{100 * row[k]:.1f}%" for k in ("color_kept", "shape_kept", "background_kept")))
+    return table
 
 
 @model_app.command("init")

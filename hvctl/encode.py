@@ -21,6 +21,8 @@ from typing import ClassVar, Literal
 from hvctl.errors import HvctlError
 from hvctl.toy.world import ASPECT_BUCKETS, DURATION_BUCKETS
 
+CONDITION_FIELDS = ("reference", "audio", "pose", "expression", "audio_mask")  # hvctl/avatar.py's, kept torch-free here
+
 
 @dataclass
 class EncodeRecipe:
@@ -40,6 +42,10 @@ class EncodeRecipe:
     samples_per_shard: int = 64
     shard: str = "0/1"  # i/n: this process encodes the samples whose id hashes to i
     on_error: Literal["skip", "fail"] = "skip"
+    # Avatar samples: the manifest's reference, audio, pose, expression and audio_mask paths are
+    # encoded too (hvctl/avatar.py); audio by this registered encoder.
+    audio_encoder: str = "logmel"
+    audio_encoder_options: dict = field(default_factory=dict)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -93,6 +99,7 @@ class Encoder:
         device, dtype = resolve_device_dtype(r.device, r.dtype)
         self.parts = load_components(model_dir, dtype=dtype, device=device, parts=("vae", "text"))
         configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size)
+        self.r, self._conditions = r, None
         p = self.parts
         self.prompt_encoders = {
             template: PromptEncoder(p.tokenizer, p.text_encoder, p.tokenizer_2, p.text_encoder_2, template=template, text_len=text_len)
@@ -102,6 +109,20 @@ class Encoder:
         self.vae_id = _hash([folder_fingerprint(model_dir / "vae"), r.vae_tiling, r.vae_tile_size, r.storage_dtype])
         self.text_id = _hash([folder_fingerprint(model_dir / n) for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")]
                              + [text_len, r.storage_dtype])
+
+    def condition_encoder(self):
+        """The avatar conditions' encoder (built on first use: the audio encoder may be a Whisper)."""
+        if self._conditions is None:
+            from hvctl.avatar import ConditionEncoder, audio_encoder_for
+
+            audio = audio_encoder_for(self.r.audio_encoder, self.r.audio_encoder_options).to(self.parts.vae.device)
+            self._conditions = ConditionEncoder(self.parts.vae, audio)
+        return self._conditions
+
+    def encode_conditions(self, files: dict, bucket, fps: float) -> dict:
+        h, w, n = bucket
+        tensors = self.condition_encoder().from_files(files, h, w, n, fps)
+        return {f"cond.{name}": t.to(self.storage_dtype) for name, t in tensors.items()}
 
     def encode_media(self, frames) -> dict:
         from hvctl.models.vae import encode_posterior
@@ -194,14 +215,30 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
                         fail(rec.id, path, f"{frames.shape[0]} frames, fewer than the shortest frame bucket ({min(r.frame_buckets)})")
                         continue
                     texts = caption_variants(rec.caption, rec.id, r.caption_variants)
-                    key = _hash([file_sha256(path), texts, bucket, encoder.vae_id, encoder.text_id])
+                    key_parts = [file_sha256(path), texts, bucket, encoder.vae_id, encoder.text_id]
+                    conditions = {name: manifest.parent / rec.extra[name] for name in CONDITION_FIELDS if rec.extra.get(name)}
+                    missing = [p for p in conditions.values() if not p.is_file()]
+                    if missing:
+                        fail(rec.id, missing[0], "condition file not found")
+                        continue
+                    if conditions:  # the key covers the condition files and whatever encodes them
+                        key_parts.append(sorted((name, file_sha256(p)) for name, p in conditions.items()))
+                        if "audio" in conditions:
+                            key_parts.append(encoder.condition_encoder().audio_encoder.identity)
+                    key = _hash(key_parts)
                     if latest.get(rec.id) == key:
                         skipped += 1
                         continue
                     tensors = encoder.encode_media(fit_to_bucket(frames, bucket))
+                    if conditions:
+                        try:
+                            tensors.update(encoder.encode_conditions(conditions, bucket, rec.fps or 1.0))
+                        except HvctlError as e:  # its message starts with the culprit's path
+                            fail(rec.id, *str(e).partition(": ")[::2])
+                            continue
                     tensors.update(encoder.encode_texts(texts, "image" if rec.kind == "image" else "video"))
                     entry = {"key": key, "id": rec.id, "kind": rec.kind, "bucket": list(bucket),
-                             "text_variants": len(texts), "split": rec.split}
+                             "text_variants": len(texts), "split": rec.split, "conditions": sorted(conditions)}
                     writer.add(entry, tensors)
                     latest[rec.id] = key
                     encoded += 1

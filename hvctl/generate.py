@@ -54,13 +54,13 @@ class GenerateRecipe:
     i2v_stability: bool = True  # start from 0.999 noise + 0.001 image latent (official --i2v-stability)
 
 
-def resolve(recipe: GenerateRecipe, defaults: dict) -> GenerateRecipe:
+def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True) -> GenerateRecipe:
     """Fill the unset settings from the model's defaults (ModelFolder.generation_defaults) and check them all."""
     guidance_embeds = defaults["guidance_embeds"]
     filled = {f.name: (getattr(recipe, f.name) if getattr(recipe, f.name) is not None else defaults.get(f.name))
               for f in fields(recipe)}
     r = replace(recipe, **filled)
-    if not r.prompt:
+    if not r.prompt and prompt_required:
         raise HvctlError("no prompt given (pass PROMPT or set 'prompt' in the recipe)")
     if r.frames < 1 or (r.frames - 1) % 4:
         raise HvctlError(f"--frames must be 4k+1 (1, 5, 9, 13, 17, ...), got {r.frames}")
@@ -189,9 +189,10 @@ class TextToVideo:
             latents.append(mean[None])
         return ImageCondition(condition_type(self.parts.transformer), torch.cat(latents).to(self.device))
 
-    def latents(self, seeds: list[int], conditions=None, on_step=None):
+    def latents(self, seeds: list[int], conditions=None, on_step=None, denoiser=None):
         """Final latents (B, C, T', H', W'): video i from seeds[i], conditioned on row i of `conditions`
-        (self.conditions(prompts); default: the recipe's prompt for every video)."""
+        (self.conditions(prompts); default: the recipe's prompt for every video). denoiser: what
+        the sampler calls instead of the bare transformer (hvctl.avatar.WindowedDenoiser)."""
         import torch
 
         noise = torch.cat([torch.randn((1, *self.latent_shape), generator=torch.Generator("cpu").manual_seed(seed))
@@ -201,7 +202,7 @@ class TextToVideo:
         noise = noise.to(self.device)
         if conditions.image is not None:
             noise = conditions.image.initial(noise, self.r.i2v_stability)
-        return self.sampler(self.parts.transformer, noise, conditions, on_step=on_step)
+        return self.sampler(denoiser or self.parts.transformer, noise, conditions, on_step=on_step)
 
     def frames(self, latents):
         """(B, ...) latents -> (B, T, H, W, 3) uint8 numpy frames."""

@@ -62,6 +62,7 @@ RECIPE_KINDS: dict[str, str] = {
     "distill": "hvctl.train.config:DistillRecipe",
     "caption": "hvctl.caption:CaptionRecipe",
     "rewrite": "hvctl.rewrite:RewriteRecipe",
+    "avatar": "hvctl.avatar:AvatarRecipe",
 }
 
 _NO_FILE = "no recipe file"

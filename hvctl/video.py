@@ -1,10 +1,12 @@
-"""Video and image files through PyAV: H.264 mp4 and PNG out, anything ffmpeg decodes in.
+"""Video, image and audio files through PyAV: H.264 mp4, PNG and WAV out, anything ffmpeg decodes in.
 
-Frames are numpy uint8 arrays [T, H, W, 3] (RGB). Every reader turns a missing, foreign, corrupt,
-truncated or empty file into an HvctlError naming the file; every writer is atomic (hvctl.io).
+Frames are numpy uint8 arrays [T, H, W, 3] (RGB); audio is mono float32 samples [N] in [-1, 1].
+Every reader turns a missing, foreign, corrupt, truncated or empty file into an HvctlError naming
+the file; every writer is atomic (hvctl.io).
 """
 
 import itertools
+import wave
 from fractions import Fraction
 from pathlib import Path
 
@@ -78,6 +80,46 @@ def _encode_audio(container, stream, samples):
         frame.sample_rate, frame.pts = stream.rate, start
         container.mux(stream.encode(frame))
     container.mux(stream.encode())
+
+
+def write_wav(path, samples, sample_rate):
+    """Write mono float samples in [-1, 1] as a 16-bit PCM WAV file."""
+    path = Path(path)
+    samples, sample_rate = _checked_audio(path, samples, sample_rate)
+    pcm = np.rint(samples * 32767).astype("<i2")
+    with atomic_output(path) as tmp, wave.open(str(tmp), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(sample_rate)
+        out.writeframes(pcm.tobytes())
+    return path
+
+
+def read_audio(path, sample_rate=16000):
+    """Decode the first audio stream of a file (wav, mp3, an mp4's audio, ...): mono float32 [N] in
+    [-1, 1] at `sample_rate`, downmixed and resampled as needed."""
+    path = Path(path)
+    if not path.is_file():
+        raise HvctlError(f"{path}: no such file")
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as e:
+        raise HvctlError(f"{path}: not a readable audio file ({_reason(e)})") from None
+    with container:
+        if not container.streams.audio:
+            raise HvctlError(f"{path}: no audio stream found")
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        chunks = []
+        try:
+            for frame in container.decode(container.streams.audio[0]):
+                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]  # the resampler's tail
+        except av.FFmpegError as e:
+            raise HvctlError(f"{path}: corrupt or truncated audio ({_reason(e)})") from None
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if samples.size == 0:
+        raise HvctlError(f"{path}: audio stream has no samples")
+    return np.clip(samples.astype(np.float32), -1.0, 1.0)
 
 
 def read_video(path):

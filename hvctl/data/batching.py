@@ -86,8 +86,15 @@ class BucketBatchSampler:
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack same-bucket cache items into a batch (tensors stacked, the rest as lists)."""
-    return {
+    """Stack same-bucket cache items into a batch (tensors stacked, the rest as lists). Avatar
+    conditions (`cond.X`, which samples may or may not have) go to batch["conditions"]."""
+    batch = {
         key: torch.stack([it[key] for it in items]) if isinstance(items[0][key], torch.Tensor) else [it[key] for it in items]
-        for key in items[0]
+        for key in items[0] if not key.startswith("cond.")
     }
+    conditions = [{k.removeprefix("cond."): v for k, v in it.items() if k.startswith("cond.")} for it in items]
+    if any(conditions):
+        from hvctl.avatar import batch_inputs
+
+        batch["conditions"] = batch_inputs(conditions)
+    return batch

@@ -1,12 +1,16 @@
-"""Render a toy dataset to disk: media/ (mp4 videos, png images) and manifest.jsonl."""
+"""Render a toy dataset to disk: media/ (mp4 videos, png images) and manifest.jsonl; for an avatar
+dataset also each sample's reference image and driving signals."""
 
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from hvctl.data.manifest import ManifestRecord, write_manifest
 from hvctl.errors import HvctlError
-from hvctl.toy.world import FPS, render, sample_spec
-from hvctl.video import write_image, write_video
+from hvctl.io import atomic_output
+from hvctl.toy.world import AUDIO_RATE, FPS, avatar_modes, avatar_spec, render, sample_spec
+from hvctl.video import write_image, write_video, write_wav
 
 
 def render_dataset(out_dir, videos, images, seed, split, sizes=None, on_progress=None):
@@ -43,4 +47,47 @@ def render_dataset(out_dir, videos, images, seed, split, sizes=None, on_progress
         ))
         if on_progress is not None:
             on_progress(done, len(plan))
+    return write_manifest(out_dir / "manifest.jsonl", records)
+
+
+def render_avatar_dataset(out_dir, count, seed, split, modes, frames=17, size=(64, 64), on_progress=None):
+    """Write `count` avatar samples of a split; the same seed gives the same dataset.
+
+    modes: the driving modes (toy.world.avatar_modes: a list, a comma list or "hybrid"). Per
+    sample: media/ID.mp4 (the target video, with the audio track when audio drives it),
+    reference/ID.png, and for its modes audio/ID.wav, pose/ID.mp4, expression/ID.npy (float32
+    [frames, 2], cos and sin of the angle). The manifest names them in the fields reference, audio,
+    pose and expression, and holds each sample's ground truth in `toy_avatar` (AvatarSample as a
+    dict; AvatarSample.from_dict reads it back). Returns the manifest's path.
+    """
+    out_dir = Path(out_dir)
+    if count < 1:
+        raise HvctlError(f"toy avatar dataset {out_dir}: need some samples, got {count}")
+    modes = avatar_modes(modes)
+    avatar_spec(seed, 0, split, modes, size=size, frames=frames)  # a bad argument fails before any write
+    records = []
+    for index in range(count):
+        sample = avatar_spec(seed, index, split, modes, size=size, frames=frames)
+        sample_id = f"toy-avatar-{split}-{index:05d}"
+        paths = {"media": f"media/{sample_id}.mp4", "reference": f"reference/{sample_id}.png"}
+        paths.update({mode: f"{mode}/{sample_id}.{ext}" for mode, ext in
+                      (("audio", "wav"), ("pose", "mp4"), ("expression", "npy")) if mode in sample.modes})
+        audio = (sample.audio(), AUDIO_RATE) if "audio" in sample.modes else None
+        write_video(out_dir / paths["media"], sample.render(), FPS, audio=audio)
+        write_image(out_dir / paths["reference"], sample.reference())
+        if "audio" in paths:
+            write_wav(out_dir / paths["audio"], *audio)
+        if "pose" in paths:
+            write_video(out_dir / paths["pose"], sample.pose_video(), FPS)
+        if "expression" in paths:
+            with atomic_output(out_dir / paths["expression"]) as tmp, open(tmp, "wb") as file:
+                np.save(file, sample.expression())
+        truth = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(sample).items()}
+        records.append(ManifestRecord(
+            id=sample_id, media=paths.pop("media"), kind="video", width=sample.width, height=sample.height,
+            frames=sample.frames, fps=float(FPS), caption=sample.caption(), split=split,
+            extra={**paths, "toy_avatar": truth},
+        ))
+        if on_progress is not None:
+            on_progress(index + 1, count)
     return write_manifest(out_dir / "manifest.jsonl", records)

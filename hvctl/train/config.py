@@ -82,6 +82,22 @@ class ParallelConfig:
 
 
 @dataclass
+class AvatarSettings:
+    """Train conditioners that animate a reference image (hvctl/avatar.py, plugins/hvctl_avatar).
+    The manifest names each sample's conditions (reference, audio, pose, expression, audio_mask
+    paths); hvctl encode caches them. A model that already has conditioners keeps them."""
+
+    conditions: list[Literal["reference", "audio", "pose", "expression"]] = field(default_factory=lambda: ["reference", "audio"])
+    options: dict[str, dict] = field(default_factory=dict)  # per conditioner: {audio: {blocks: [0, 1]}, expression: {every: 2}}
+    audio_encoder: str = "logmel"  # a registered audio encoder (hvctl plugins list --kind audio_encoder)
+    audio_encoder_options: dict = field(default_factory=dict)  # e.g. whisper: {path: /models/whisper-tiny}
+    # Per condition, the share of samples trained without it: the model then also works when it is
+    # not given, which hybrid use (any subset at once) needs.
+    drop: dict[str, float] = field(default_factory=dict)
+    window_overlap: int = 2  # inference: latent frames that neighbouring windows of a long video share
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 500
     keep_last: int = 3
@@ -108,6 +124,7 @@ class TrainRecipe:
     # Make a text-to-video DiT image-to-video before training (hvctl/conditioning.py); a model that
     # already is one is trained as it is.
     i2v: Literal["latent_concat", "token_replace"] | None = None
+    avatar: AvatarSettings | None = None  # DiT only: audio-, pose- and expression-driven animation of a reference
     # VAE runs: the exported VAE's scaling_factor becomes 1/std of its latents on the training data
     # (as Stable Diffusion set its own), so the DiT sees unit-variance latents. Off by default: it
     # would break a pretrained DiT's match with a finetuned official VAE.

@@ -18,10 +18,23 @@ from hvctl.flow import add_noise, loss_weights, sample_training_sigmas, timestep
 class FlowMatchingObjective:
     """Velocity regression on noised latents sampled from the cached VAE posterior."""
 
-    def __init__(self, flow, empty_text: dict | None, empty_prompt_rate: float):
+    def __init__(self, flow, empty_text: dict | None, empty_prompt_rate: float, condition_drop: dict | None = None):
         if empty_prompt_rate > 0 and empty_text is None:
             raise HvctlError("empty_prompt_rate > 0 needs the empty prompt's text states in the cache (re-run hvctl encode)")
         self.flow, self.empty_text, self.empty_prompt_rate = flow, empty_text, empty_prompt_rate
+        self.condition_drop = condition_drop or {}
+
+    def avatar_inputs(self, batch: dict, generator: torch.Generator) -> dict | None:
+        """The batch's avatar conditions (hvctl/avatar.py), each dropped for a share of the samples."""
+        inputs = batch.get("conditions")
+        if not inputs:
+            return None
+        inputs = dict(inputs)
+        for name, rate in sorted(self.condition_drop.items()):
+            present = inputs.get(f"present.{name}")
+            if present is not None and rate > 0:
+                inputs[f"present.{name}"] = present * (torch.rand(present.shape, generator=generator) >= rate).float()
+        return inputs
 
     def noised(self, batch: dict, generator: torch.Generator, stratum=None) -> dict:
         """A batch's clean latents, noise and sigmas, and its text (empty where dropped)."""
@@ -42,21 +55,26 @@ class FlowMatchingObjective:
         return {"x0": x0, "noise": noise, "sigma": sigma, "text": (text, mask, pooled)}
 
     @staticmethod
-    def predict(model, x0, noise, sigma, text, guidance=None, image=None):
+    def predict(model, x0, noise, sigma, text, guidance=None, image=None, avatar=None):
         """The model's velocity for x0 noised to sigma; guidance: per-sample scales for an embedding;
-        image: an image-to-video model's condition (hvctl/conditioning.py)."""
+        image: an image-to-video model's condition (hvctl/conditioning.py); avatar: the
+        conditioners' inputs (hvctl/avatar.py)."""
+        from hvctl.avatar import conditions_context
+
         device = next(model.parameters()).device
         states, mask, pooled = text
         # Padding is masked out of attention, so only the batch's longest text need be computed:
         # toy captions fill a third of text_len, and the text tokens outnumber an image's.
         longest = max(int(mask.sum(dim=1).max()), 1)
         noisy = add_noise(x0, noise, sigma)
-        return model(
-            hidden_states=(noisy if image is None else image.model_input(noisy)).to(device), timestep=timestep_from_sigma(sigma).to(device),
-            encoder_hidden_states=states[:, :longest].to(device), encoder_attention_mask=mask[:, :longest].to(device),
-            pooled_projections=pooled.to(device),
-            guidance=None if guidance is None else (guidance * 1000.0).to(device), return_dict=False,
-        )[0].float()
+        avatar = None if avatar is None else {k: v.to(device) for k, v in avatar.items()}
+        with conditions_context(model, avatar):
+            return model(
+                hidden_states=(noisy if image is None else image.model_input(noisy)).to(device), timestep=timestep_from_sigma(sigma).to(device),
+                encoder_hidden_states=states[:, :longest].to(device), encoder_attention_mask=mask[:, :longest].to(device),
+                pooled_projections=pooled.to(device),
+                guidance=None if guidance is None else (guidance * 1000.0).to(device), return_dict=False,
+            )[0].float()
 
     def __call__(self, model, batch: dict, generator: torch.Generator, *, step: int = 0, stratum=None):
         """stratum (j, n): this is micro-batch j of the n that make one optimizer step."""
@@ -64,7 +82,8 @@ class FlowMatchingObjective:
         n = b["x0"].shape[0]
         guidance = torch.full((n,), self.flow.guidance) if model.config.guidance_embeds else None
         image = training_condition(model, b["x0"])
-        prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], guidance, image)
+        avatar = self.avatar_inputs(batch, generator)
+        prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], guidance, image, avatar)
         target = velocity_target(b["x0"], b["noise"]).to(prediction.device)
         squared = F.mse_loss(prediction, target, reduction="none")
         if image is None:

@@ -89,6 +89,8 @@ class Trainer:
                 self.model = expand_for_i2v(self.model, r.i2v).to(self.device)
             elif condition_type(self.model) != r.i2v:
                 raise HvctlError(f"i2v: {r.i2v}, but the model is already {condition_type(self.model)}")
+        if r.avatar is not None:
+            self._attach_conditioners(folder)
         self.model.train().requires_grad_(True)
         if r.trainable is not None:
             self._freeze_all_but(r.trainable)
@@ -105,6 +107,10 @@ class Trainer:
         self.data_index, self.data_count = data_rank(self.mesh) if self.mesh is not None else (0, 1)
         self.dataset, self.sampler, self.objective = self._data_and_objective()
         self.bucket_of = {i: bucket for bucket, ix in self.dataset.buckets.items() for i in ix}
+        if r.avatar is not None and self.model.avatar.config["window"]["frames"] is None:
+            # Long avatar videos are made in windows as long as the longest clips trained on.
+            trained = [bucket[2] for stream in self.sampler.streams.values() for bucket in stream]
+            self.model.avatar.config["window"]["frames"] = max(trained)
         self.vae_config = folder.component_config("vae") if r.target == "dit" else {}
         o = r.optim
         trained = [p for p in self.model.parameters() if p.requires_grad]
@@ -132,6 +138,31 @@ class Trainer:
             torch.nn.init.zeros_(last.weight)
             torch.nn.init.zeros_(last.bias)
         return teacher, student
+
+    def _attach_conditioners(self, folder) -> None:
+        """The avatar conditioners: the base model's own, else new ones from the recipe."""
+        from hvctl.avatar import load_conditioners, new_conditioners
+
+        if self.r.target != "dit" or self.r.lora is not None or self.teacher is not None:
+            raise HvctlError("avatar: trains a DiT's conditioners with full weights (not with lora, distill or target: vae)")
+        if self.r.parallel.ring * self.r.parallel.ulysses > 1:  # frame-aligned cross-attention needs whole frames
+            raise HvctlError("avatar: sequence parallelism (parallel.ring, parallel.ulysses) is not supported yet; use fsdp")
+        if load_conditioners(folder.path, self.model) is None:  # the window is set once the data is known
+            new_conditioners(self.r.avatar, self.model, window_frames=None).attach(self.model)
+
+    def _check_cached_conditions(self, dataset) -> None:
+        """Every condition the model is conditioned on must be in the cache, with the encoder's width."""
+        config = self.model.avatar.config["conditioners"]
+        have = {name: i for i, e in reversed(list(enumerate(dataset.entries))) for name in e.conditions}
+        for name, options in config.items():
+            if name not in have:
+                raise HvctlError(f"avatar: no cached sample has a {name!r} condition; name its files in the manifest "
+                                 f"('{name}' per sample) and run hvctl encode")
+            width = options.get("feature_dim")
+            cached = dataset.item(have[name])[f"cond.{name}"].shape[-1]
+            if width is not None and cached != width:
+                raise HvctlError(f"avatar: cached {name} features are {cached} wide, the {name} conditioner reads "
+                                 f"{width} (encode with the model's audio encoder)")
 
     def _freeze_all_but(self, prefixes: list[str]) -> None:
         names = [name for name, _ in self.model.named_parameters()]
@@ -199,6 +230,8 @@ class Trainer:
             dataset = LatentCache(cache, text_len=text_len, split=d.split, ids=ids)
             if not len(dataset):
                 raise HvctlError(f"{cache}: no cached samples" + (f" in split {d.split}" if d.split else ""))
+            if self.r.avatar is not None:
+                self._check_cached_conditions(dataset)
             if self.teacher is not None:
                 from hvctl.train.objectives import GuidanceDistillationObjective
 
@@ -209,7 +242,8 @@ class Trainer:
                 objective = GuidanceDistillationObjective(self.r.flow, dataset.empty_text(), self.teacher,
                                                           tuple(self.r.guidance_range))
             else:
-                objective = FlowMatchingObjective(self.r.flow, dataset.empty_text(), d.empty_prompt_rate)
+                objective = FlowMatchingObjective(self.r.flow, dataset.empty_text(), d.empty_prompt_rate,
+                                                  condition_drop=self.r.avatar.drop if self.r.avatar else None)
         # A stage trains on its own buckets and media only (a cache may hold more).
         stage = BucketConfig(aspect_buckets=d.aspect_buckets, frame_buckets=d.frame_buckets)
         stage_buckets = {b: ix for b, ix in dataset.buckets.items() if stage.admits(b, d.media)}
@@ -232,9 +266,11 @@ class Trainer:
 
         cache = self.run / "cache"
         if self.ranks.is_main:
+            audio = {} if self.r.avatar is None else {"audio_encoder": self.r.avatar.audio_encoder,
+                                                      "audio_encoder_options": self.r.avatar.audio_encoder_options}
             encode(EncodeRecipe(manifest=d.manifest, model=self.base_model, out=cache, aspect_buckets=buckets.aspect_buckets,
                                 frame_buckets=buckets.frame_buckets, caption_variants=d.caption_variants,
-                                text_len=d.text_len, device=str(self.device), storage_dtype="float32"),
+                                text_len=d.text_len, device=str(self.device), storage_dtype="float32", **audio),
                    progress=self.progress)
         barrier(self.ranks)
         return cache
@@ -373,31 +409,33 @@ class Trainer:
             tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
         return tensors
 
-    def _export_module(self) -> tuple[torch.nn.Module | None, dict | None]:
+    def _export_module(self) -> tuple[torch.nn.Module | None, dict | None, dict | None]:
         """On rank 0, a fresh module holding the full weights to save as the model (the EMA's
-        when EMA is on), and for LoRA runs the adapter's file weights; (None, None) elsewhere.
-        Every rank must call it: sharded weights are gathered."""
+        when EMA is on), for LoRA runs the adapter's file weights, and for avatar runs the
+        conditioners' weights (saved apart: the transformer stays a plain diffusers one);
+        (None, None, None) elsewhere. Every rank must call it: sharded weights are gathered."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.ema is not None:
             state.update({k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.ema.shadow.items()})
         if not self.ranks.is_main:
-            return None, None
+            return None, None, None
         module = self.model_class.from_config(self.model.config)
         if self.r.lora is not None:  # the base weights, then the adapter merged in
             from hvctl.lora import lora_state_dict, merged_into
 
             lora_weights = lora_state_dict(self.model, self.r.lora, state)
             module.load_state_dict({k.replace(".base_layer", ""): v for k, v in state.items() if ".lora_" not in k})
-            return merged_into(module, lora_weights), lora_weights
+            return merged_into(module, lora_weights), lora_weights, None
+        avatar_weights = {k.removeprefix("avatar."): state.pop(k) for k in list(state) if k.startswith("avatar.")}
         module.load_state_dict(state)
-        return module, None
+        return module, None, avatar_weights or None
 
     def save(self) -> Path:
         from hvctl.train.checkpoint import copy_model_folder, save_checkpoint, write_state_files
 
-        module, lora_weights = self._export_module()
+        module, lora_weights, avatar_weights = self._export_module()
 
         def write_main(folder: Path) -> None:
             copy_model_folder(self.base_model, folder / "model", self.component)
@@ -406,6 +444,10 @@ class Trainer:
                 from hvctl.lora import save_lora
 
                 save_lora(folder / "lora" / "pytorch_lora_weights.safetensors", lora_weights)
+            if avatar_weights is not None:
+                from hvctl.avatar import save_conditioners
+
+                save_conditioners(folder / "model", self.model.avatar.config, avatar_weights)
             if self.teacher is not None:
                 _embed_guidance_defaults(folder / "model")
             trainer = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
