@@ -529,13 +529,14 @@ def _avatar_table(result: dict):
     from rich.table import Table
 
     table = Table(title=f"toy avatar eval: {result['model']['path']}")
-    for column in ("modes", "frames", "compositions", "videos", "size~audio r", "pose error px", "rotation error deg",
-                   "colour kept", "shape kept", "background kept"):
+    # size r: correlation of the audio envelope with the object's size; pose and rotation: mean errors
+    for column in ("modes", "frames", "group", "n", "size r", "pose px", "rot deg", "colour", "shape", "bg"):
         table.add_column(column, justify="right")
     number = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
     for run in result["runs"]:
         for group, row in run["scores"].items():
-            table.add_row(run["modes"], str(run["frames"]), group.replace("_", "-"), str(row["n"]),
+            table.add_row(run["modes"].replace(",", "+").replace("expression", "expr"), str(run["frames"]),
+                          group.replace("_", "-"), str(row["n"]),
                           number(row["size_correlation"]), number(row["pose_error_px"]), number(row["rotation_error_deg"]),
                           *(f"{100 * row[k]:.1f}%" for k in ("color_kept", "shape_kept", "background_kept")))
     return table

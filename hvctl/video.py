@@ -59,7 +59,9 @@ def _add_video_stream(container, path, shape, fps, crf):
         raise HvctlError(f"{path}: H.264 (yuv420p) needs an even width and height, got {width}x{height}")
     stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))  # 29.97 -> 30000/1001
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    stream.options = {"crf": str(crf)}
+    # One encoder thread: x264's threaded output varied between runs on the same frames (seen on
+    # toy avatar clips), and the same inputs must give the same file.
+    stream.options = {"crf": str(crf), "threads": "1"}
     return stream
 
 
