@@ -534,11 +534,12 @@ def _avatar_table(result: dict):
         table.add_column(column, justify="right")
     number = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
     for run in result["runs"]:
-        for group, row in run["scores"].items():
-            table.add_row(run["modes"].replace(",", "+").replace("expression", "expr"), str(run["frames"]),
-                          group.replace("_", "-"), str(row["n"]),
-                          number(row["size_correlation"]), number(row["pose_error_px"]), number(row["rotation_error_deg"]),
-                          *(f"{100 * row[k]:.1f}%" for k in ("color_kept", "shape_kept", "background_kept")))
+        modes = run["modes"].replace(",", "+").replace("expression", "expr")
+        for label, rows in (("", run["scores"]), (" (VAE ceiling)", run["vae_ceiling"])):
+            for group, row in rows.items():
+                table.add_row(modes + label, str(run["frames"]), group.replace("_", "-"), str(row["n"]),
+                              number(row["size_correlation"]), number(row["pose_error_px"]), number(row["rotation_error_deg"]),
+                              *(f"{100 * row[k]:.1f}%" for k in ("color_kept", "shape_kept", "background_kept")))
     return table
 
 

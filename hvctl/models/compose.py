@@ -47,4 +47,23 @@ def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None,
     extra = {k: v for k, v in folder.hvctl_info.items() if k not in ("generation", "weights", "hvctl_version")}
     extra["composed_from"] = {"base": str(base), **{k: str(v) for k, v in take.items()}, **({"i2v": i2v} if i2v else {})}
     return write_model_folder(out, components, generation, meta=False, index=folder.index,
-                              dtype=getattr(torch, dtype) if dtype else None, extra=extra)
+                              dtype=getattr(torch, dtype) if dtype else None, extra=extra,
+                              write_more=_avatar_writer(take.get("transformer", base), dtype))
+
+
+def _avatar_writer(transformer_source: Path, dtype: str | None):
+    """An avatar model's conditioners go with its transformer (hvctl/avatar.py), recast like it."""
+    from hvctl.avatar import AVATAR_DIR, WEIGHTS_FILE, read_avatar_config, save_conditioners
+
+    config = read_avatar_config(transformer_source)
+    if config is None:
+        return None
+
+    def write(folder: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(transformer_source) / AVATAR_DIR / WEIGHTS_FILE))
+        save_conditioners(folder, config, {k: v.to(getattr(torch, dtype)) if dtype else v for k, v in state.items()})
+
+    return write

@@ -214,8 +214,9 @@ def make_clip_pool_words(clip, gain: float = 8.0) -> None:
 
 
 def write_model_folder(out: Path, components: dict, generation: dict, *, meta: bool, dtype=None, extra: dict | None = None,
-                       index: dict | None = None):
-    """Write components as a diffusers model folder: into a temporary folder, then renamed."""
+                       index: dict | None = None, write_more=None):
+    """Write components as a diffusers model folder: into a temporary folder, then renamed.
+    write_more(folder): writes anything else the folder holds (an avatar model's conditioners)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise HvctlError(f"{out}: exists and is not empty; choose a new folder")
@@ -236,6 +237,8 @@ def write_model_folder(out: Path, components: dict, generation: dict, *, meta: b
                 if dtype is not None and dtype != component.dtype:
                     component.to(dtype)
                 component.save_pretrained(path, safe_serialization=True)
+        if write_more is not None:
+            write_more(tmp)
         (tmp / "model_index.json").write_text(json.dumps(index or MODEL_INDEX, indent=2) + "\n")
         info = {"hvctl_version": __version__, "generation": generation, "weights": not meta, **(extra or {})}
         (tmp / "hvctl.json").write_text(json.dumps(info, indent=2) + "\n")

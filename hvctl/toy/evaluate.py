@@ -192,11 +192,15 @@ def evaluate_avatar(s: ToyEvalSettings, progress) -> dict:
     the video is scored against the sample's truth (hvctl.toy.world.score_avatar): the audio
     envelope's correlation with the object's size, the pose-tracking error, the rotation error,
     and whether the reference's colour, shape and background are kept. The prompt is empty: the
-    reference alone says what to draw."""
+    reference alone says what to draw. Beside each figure stands its VAE ceiling: the score of the
+    true video passed through the model's VAE and back, which no DiT can beat."""
+    import torch
+
     from hvctl.avatar import (AvatarGenerator, AvatarRecipe, batch_inputs, default_avatar_model_dir, read_avatar_config,
                               windows)
     from hvctl.generate import prepare_model, resolve, resolve_device_dtype
     from hvctl.models.loading import folder_fingerprint
+    from hvctl.models.vae import encode_posterior
     from hvctl.progress import progress_bar
     from hvctl.toy.world import avatar_modes, avatar_spec, score_avatar
     from hvctl.video import write_video
@@ -208,7 +212,7 @@ def evaluate_avatar(s: ToyEvalSettings, progress) -> dict:
     r = resolve(recipe, {**defaults, "guidance_scale": 1.0}, prompt_required=False)
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     generator = AvatarGenerator(model_dir, r, device, dtype)
-    encode = generator.encode
+    encode, vae = generator.encode, generator.t2v.parts.vae
     result = {"model": {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}, "prompts": s.prompts,
               "seed": s.seed, "avatar": True, "runs": []}
     for spec in s.avatar:
@@ -231,14 +235,18 @@ def evaluate_avatar(s: ToyEvalSettings, progress) -> dict:
                     per_sample.append(inputs)
                 seeds = [s.seed + first + j for j in range(len(batch))]
                 videos = generator.t2v.frames(generator.latents(seeds, batch_inputs(per_sample, device), [""] * len(batch)))
-                for j, (x, video) in enumerate(zip(batch, videos)):
-                    scores.append({"index": x.index, "modes": list(x.modes), "group": group_of(x), **score_avatar(x, video)})
+                # What a perfect DiT would score: the true video through the VAE and back.
+                truths = generator.t2v.frames(torch.stack([encode_posterior(vae, x.render())[0] for x in batch]).to(device))
+                for j, (x, video, truth) in enumerate(zip(batch, videos, truths)):
+                    scores.append({"index": x.index, "modes": list(x.modes), "group": group_of(x), **score_avatar(x, video),
+                                   "vae_ceiling": score_avatar(x, truth)})
                     if s.out is not None:
                         write_video(Path(s.out) / spec.replace(",", "+") / f"{first + j:04d}.mp4", video, fps=r.fps)
                 advance(len(batch))
         run = {"modes": spec, "steps": r.steps, "frames": frames, "flow_shift": r.flow_shift,
                "guidance_scale": r.guidance_scale, "windows": len(windows(generator.t2v.latent_shape[1], generator.window, generator.overlap)),
-               "seconds": round(time.perf_counter() - started, 2), "scores": avatar_table(scores)}
+               "seconds": round(time.perf_counter() - started, 2), "scores": avatar_table(scores),
+               "vae_ceiling": avatar_table([{**x["vae_ceiling"], "group": x["group"]} for x in scores])}
         result["runs"].append(run)
         if s.out is not None:
             from hvctl.io import write_json_atomic
