@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
@@ -330,12 +330,28 @@ def window_inputs(inputs: dict, start: int, stop: int, per_latent: int = 4) -> d
 
 class WindowedDenoiser:
     """The transformer with avatar conditions, called window by window over a long latent video
-    and the overlapping predictions blended; a drop-in for the transformer in the sampler."""
+    and the overlapping predictions blended; a drop-in for the transformer in the sampler.
 
-    def __init__(self, transformer, inputs: dict, window: int, overlap: int):
+    guidance {name: scale}: condition guidance, as audio-driven avatar models use it: one more
+    pass without the condition, and v = v_all + (scale - 1) (v_all - v_without), per condition.
+    """
+
+    def __init__(self, transformer, inputs: dict, window: int, overlap: int, guidance: dict | None = None):
         self.transformer, self.inputs = transformer, inputs
         self.window, self.overlap = window, overlap
+        self.guidance = {k: v for k, v in (guidance or {}).items() if v != 1.0 and f"present.{k}" in inputs}
         self.config, self.dtype = transformer.config, transformer.dtype
+
+    def _velocity(self, inputs: dict, latents: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        with self.transformer.avatar.given(inputs):
+            full = self.transformer(hidden_states=latents, return_dict=False, **kwargs)[0].float()
+        guided = full
+        for name, scale in self.guidance.items():
+            without = {**inputs, f"present.{name}": torch.zeros_like(inputs[f"present.{name}"])}
+            with self.transformer.avatar.given(without):
+                other = self.transformer(hidden_states=latents, return_dict=False, **kwargs)[0].float()
+            guided = guided + (scale - 1.0) * (full - other)
+        return guided
 
     def __call__(self, hidden_states: torch.Tensor, return_dict: bool = False, **kwargs):
         batch, frames = hidden_states.shape[0], hidden_states.shape[2]
@@ -345,10 +361,9 @@ class WindowedDenoiser:
         total = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         weights = torch.zeros(frames, device=hidden_states.device)
         for (start, stop), weight in zip(spans, blend_weights(spans)):
-            with self.transformer.avatar.given(window_inputs(inputs, start, stop)):
-                velocity = self.transformer(hidden_states=hidden_states[:, :, start:stop], return_dict=False, **kwargs)[0]
+            velocity = self._velocity(window_inputs(inputs, start, stop), hidden_states[:, :, start:stop], kwargs)
             weight = weight.to(total.device)
-            total[:, :, start:stop] += velocity.float() * weight.view(1, 1, -1, 1, 1)
+            total[:, :, start:stop] += velocity * weight.view(1, 1, -1, 1, 1)
             weights[start:stop] += weight
         return ((total / weights.view(1, 1, -1, 1, 1)).to(hidden_states.dtype),)
 
@@ -380,6 +395,9 @@ class AvatarRecipe(GenerateRecipe):
     expression: Path | None = None
     audio_mask: Path | None = None
     window_overlap: int | None = None  # latent frames shared by neighbouring windows; None: the model's
+    # Condition guidance, e.g. {audio: 2.0}: each scale > 1 costs a pass without that condition
+    # and strengthens its effect (hvctl avatar --audio-guidance).
+    condition_guidance: dict[str, float] = field(default_factory=dict)
 
 
 def frames_for(recipe: AvatarRecipe, fps: float) -> int | None:
@@ -426,6 +444,9 @@ class AvatarGenerator:
 
     def check(self, names) -> None:
         model = self.conditioners.config["conditioners"]
+        unknown = sorted(set(self.r.condition_guidance) - set(model))
+        if unknown:
+            raise HvctlError(f"condition guidance for {', '.join(unknown)}: this model has no such conditioner (it has: {', '.join(model)})")
         extra = [n for n in names if n not in MASKS and n not in model]
         if extra:
             raise HvctlError(f"{self.r.model}: this avatar model has no {', '.join(extra)} conditioner "
@@ -434,7 +455,7 @@ class AvatarGenerator:
             raise HvctlError("this avatar model animates a reference image: give REF_IMAGE")
 
     def latents(self, seeds: list[int], inputs: dict, prompts: list[str] | None = None, on_step=None):
-        denoiser = WindowedDenoiser(self.t2v.parts.transformer, inputs, self.window, self.overlap)
+        denoiser = WindowedDenoiser(self.t2v.parts.transformer, inputs, self.window, self.overlap, self.r.condition_guidance)
         conditions = self.t2v.conditions(prompts or [self.r.prompt] * len(seeds))
         return self.t2v.latents(seeds, conditions, on_step=on_step, denoiser=denoiser)
 

@@ -147,6 +147,7 @@ def avatar_command(
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="True classifier-free guidance on the text (default 1: off)."),
     flow_shift: Optional[float] = typer.Option(None, "--flow-shift", help="Flow-matching schedule shift."),
     window_overlap: Optional[int] = typer.Option(None, "--window-overlap", help="Latent frames shared by neighbouring windows of a long video."),
+    audio_guidance: Optional[float] = typer.Option(None, "--audio-guidance", help="Audio guidance scale (>1: one more pass without the audio, a stronger effect)."),
     fps: Optional[int] = typer.Option(None, help="Frames per second."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .mp4."),
     dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
@@ -156,7 +157,9 @@ def avatar_command(
     as_json: bool = JSON_OPTION,
 ):
     """Animate a reference image by audio, pose and expression (any of them at once); long videos in blended windows."""
-    flags = {k: v for k, v in locals().items() if k not in ("recipe", "overrides", "as_json")}
+    flags = {k: v for k, v in locals().items() if k not in ("recipe", "overrides", "as_json", "audio_guidance")}
+    if audio_guidance is not None:
+        flags["condition_guidance.audio"] = audio_guidance
     from hvctl.avatar import AvatarRecipe, avatar as run_avatar
     from hvctl.recipe import load_recipe
 
@@ -469,6 +472,7 @@ def eval_toy(
                                                "embedded one), driven by these modes: a comma list of audio, pose, "
                                                "expression, or hybrid (a random subset per video); repeat for several."),
     frames: Optional[int] = typer.Option(None, help="Avatar: frames per video (past the model's window: blended windows)."),
+    audio_guidance: float = typer.Option(1.0, "--audio-guidance", help="Avatar: audio guidance scale (1: off)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
     as_json: bool = JSON_OPTION,
 ):
@@ -494,6 +498,7 @@ def eval_toy(
                                guidance_scale=guidance_scale, embedded_guidance=embedded_guidance,
                                flow_shift=flow_shift, batch_size=batch_size, vae_videos=vae_videos, out=out,
                                device=device, i2v=i2v, avatar=tuple(avatar or ()), frames=frames,
+                               condition_guidance={"audio": audio_guidance} if audio_guidance != 1.0 else {},
                                rewrite=RewriteRecipe(rewriter=rewrite, model=rewrite_model) if rewrite else None)
     result = evaluate_toy(settings, progress=None if not as_json else False)
     if as_json:

@@ -378,3 +378,15 @@ def test_the_embedded_toy_avatar_model_follows_the_audio_and_the_pose(tmp_path):
     assert score["pose_error_px"] < 4 < frozen["pose_error_px"]  # measured 2.4 px; holding still: 8.5
     assert score["size_correlation"] > 0.4  # measured 0.62
     assert score["color_kept"] and score["background_kept"]
+
+
+def test_audio_guidance_adds_a_pass_without_the_audio(hooked):
+    latents = torch.randn(1, 16, 3, 4, 4)
+    inputs = random_inputs(1, 9, (16, 3, 4, 4))
+    kwargs = text_kwargs(hooked, 1)
+    plain = WindowedDenoiser(hooked, inputs, 3, 1)(hidden_states=latents, **kwargs)[0]
+    guided = WindowedDenoiser(hooked, inputs, 3, 1, guidance={"audio": 3.0})(hidden_states=latents, **kwargs)[0]
+    with hooked.avatar.given({**inputs, "present.audio": torch.zeros(1)}):
+        without = call(hooked, latents)
+    assert torch.allclose(guided, plain + 2.0 * (plain - without), atol=1e-5)
+    assert not torch.allclose(guided, plain)

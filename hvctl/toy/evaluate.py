@@ -13,7 +13,7 @@ prompt's rendered eval video: frame 0's PSNR against that image is reported besi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ class ToyEvalSettings:
     i2v: bool = False  # an image-to-video model, given each eval video's first frame
     avatar: tuple[str, ...] = ()  # avatar models: one evaluation per mode set ("audio,pose", "hybrid", ...)
     frames: int | None = None  # avatar: video length (longer than the model's window: blended windows)
+    condition_guidance: dict = field(default_factory=dict)  # avatar: e.g. {"audio": 2.0}
 
 
 def prompt_set(n: int, seed: int):
@@ -208,7 +209,8 @@ def evaluate_avatar(s: ToyEvalSettings, progress) -> dict:
     model_dir, defaults = prepare_model(s.model or default_avatar_model_dir())
     frames = s.frames or (read_avatar_config(model_dir) or {}).get("window", {}).get("frames") or defaults["frames"]
     recipe = AvatarRecipe(model=model_dir, prompt="", frames=frames, seed=s.seed, steps=s.steps[0] if s.steps else None,
-                          guidance_scale=s.guidance_scale, flow_shift=s.flow_shift, device=s.device)
+                          guidance_scale=s.guidance_scale, flow_shift=s.flow_shift, device=s.device,
+                          condition_guidance=dict(s.condition_guidance))
     r = resolve(recipe, {**defaults, "guidance_scale": 1.0}, prompt_required=False)
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     generator = AvatarGenerator(model_dir, r, device, dtype)
@@ -244,6 +246,7 @@ def evaluate_avatar(s: ToyEvalSettings, progress) -> dict:
                         write_video(Path(s.out) / spec.replace(",", "+") / f"{first + j:04d}.mp4", video, fps=r.fps)
                 advance(len(batch))
         run = {"modes": spec, "steps": r.steps, "frames": frames, "flow_shift": r.flow_shift,
+               "condition_guidance": r.condition_guidance,
                "guidance_scale": r.guidance_scale, "windows": len(windows(generator.t2v.latent_shape[1], generator.window, generator.overlap)),
                "seconds": round(time.perf_counter() - started, 2), "scores": avatar_table(scores),
                "vae_ceiling": avatar_table([{**x["vae_ceiling"], "group": x["group"]} for x in scores])}

@@ -109,8 +109,8 @@ class Trainer:
         self.bucket_of = {i: bucket for bucket, ix in self.dataset.buckets.items() for i in ix}
         if r.avatar is not None and self.model.avatar.config["window"]["frames"] is None:
             # Long avatar videos are made in windows as long as the longest clips trained on.
-            trained = [bucket[2] for stream in self.sampler.streams.values() for bucket in stream]
-            self.model.avatar.config["window"]["frames"] = max(trained)
+            clip_frames = [bucket[2] for stream in self.sampler.streams.values() for bucket in stream]
+            self.model.avatar.config["window"]["frames"] = max(clip_frames)
         self.vae_config = folder.component_config("vae") if r.target == "dit" else {}
         o = r.optim
         trained = [p for p in self.model.parameters() if p.requires_grad]
