@@ -42,6 +42,7 @@ FRAME_ALIGNED = ("audio", "expression")  # per video frame: sliced by video fram
 MASKS = ("audio_mask",)
 AVATAR_DIR = "avatar"
 WEIGHTS_FILE = "conditioners.safetensors"
+AUDIO_RATE = 16000  # Hz: what the audio encoders read and the mp4 carries
 
 
 class AvatarConditioners(nn.Module):
@@ -405,7 +406,7 @@ def frames_for(recipe: AvatarRecipe, fps: float) -> int | None:
     from hvctl.video import probe_video, read_audio
 
     if recipe.audio is not None:
-        covered = int(len(read_audio(recipe.audio)) / 16000 * fps)
+        covered = int(len(read_audio(recipe.audio, AUDIO_RATE)) / AUDIO_RATE * fps)
     elif recipe.pose is not None:
         covered = probe_video(recipe.pose)["frames"]
     elif recipe.expression is not None:
@@ -496,7 +497,7 @@ def avatar(recipe: AvatarRecipe, *, progress: bool | None = None) -> dict:
     video = generator.t2v.frames(latents)[0]
     audio = None
     if r.audio is not None:
-        audio = (read_audio(r.audio)[:int(round(r.frames / r.fps * 16000))], 16000)
+        audio = (read_audio(r.audio, AUDIO_RATE)[:int(round(r.frames / r.fps * AUDIO_RATE))], AUDIO_RATE)
     write_video(path, video, fps=r.fps, audio=audio)
     model = {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}
     sidecar = path.with_suffix(".json")
