@@ -369,12 +369,6 @@ class WindowedDenoiser:
         return ((total / weights.view(1, 1, -1, 1, 1)).to(hidden_states.dtype),)
 
 
-def default_avatar_model_dir() -> Path:
-    from hvctl.models.default import default_avatar_model_dir as packaged
-
-    return packaged()
-
-
 def conditions_context(model, inputs: dict | None):
     """`model.avatar.given(inputs)` for a model with conditioners, else nothing."""
     avatar = getattr(model, "avatar", None)
@@ -401,12 +395,13 @@ class AvatarRecipe(GenerateRecipe):
     condition_guidance: dict[str, float] = field(default_factory=dict)
 
 
-def frames_for(recipe: AvatarRecipe, fps: float) -> int | None:
-    """The video length that the driving signal gives: 4k+1 frames, the longest that it covers."""
-    from hvctl.video import probe_video, read_audio
+def frames_for(recipe: AvatarRecipe, fps: float, audio: np.ndarray | None) -> int | None:
+    """The video length that the driving signal gives (audio: the recipe's, already read): 4k+1
+    frames, the longest that it covers."""
+    from hvctl.video import probe_video
 
-    if recipe.audio is not None:
-        covered = int(len(read_audio(recipe.audio, AUDIO_RATE)) / AUDIO_RATE * fps)
+    if audio is not None:
+        covered = int(len(audio) / AUDIO_RATE * fps)
     elif recipe.pose is not None:
         covered = probe_video(recipe.pose)["frames"]
     elif recipe.expression is not None:
@@ -467,8 +462,9 @@ def avatar(recipe: AvatarRecipe, *, progress: bool | None = None) -> dict:
     from dataclasses import replace
 
     from hvctl import __version__
-    from hvctl.generate import _settings_dict, output_paths, prepare_model, resolve_device_dtype
+    from hvctl.generate import _settings_dict, output_paths, prepare_model, resolve, resolve_device_dtype
     from hvctl.io import write_json_atomic
+    from hvctl.models.default import default_avatar_model_dir
     from hvctl.models.loading import folder_fingerprint
     from hvctl.progress import progress_bar
     from hvctl.video import read_audio, write_video
@@ -480,24 +476,25 @@ def avatar(recipe: AvatarRecipe, *, progress: bool | None = None) -> dict:
     model_dir, defaults = prepare_model(recipe.model or default_avatar_model_dir())
     config = read_avatar_config(model_dir)
     fps = recipe.fps or defaults["fps"]
-    frames = recipe.frames or frames_for(recipe, fps) or (config or {}).get("window", {}).get("frames")
+    audio = read_audio(recipe.audio, AUDIO_RATE) if recipe.audio is not None else None  # read once: length, features, mux
+    frames = recipe.frames or frames_for(recipe, fps, audio) or (config or {}).get("window", {}).get("frames")
     avatar_defaults = {**defaults, "guidance_scale": 1.0}  # the reference carries the look; the text barely matters
-    from hvctl.generate import resolve
-
     r = resolve(replace(recipe, frames=frames, prompt=recipe.prompt or ""), avatar_defaults, prompt_required=False)
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     r.model, r.device, r.dtype = model_dir, str(device), str(dtype).removeprefix("torch.")
     generator = AvatarGenerator(model_dir, r, device, dtype)
     generator.check(files)
-    inputs = batch_inputs([generator.encode.from_files(files, r.height, r.width, r.frames, r.fps)], device)
+    conditions = generator.encode.from_files({k: v for k, v in files.items() if k != "audio"}, r.height, r.width, r.frames, r.fps)
+    if audio is not None:
+        conditions["audio"] = generator.encode.audio(audio, r.fps, r.frames)
+    inputs = batch_inputs([conditions], device)
     path = output_paths(replace(r, prompt=r.prompt or "avatar"))[0]
     loaded = time.perf_counter()
     with progress_bar(r.steps, "avatar", enabled=progress) as advance:
         latents = generator.latents([r.seed], inputs, on_step=lambda _: advance())
     video = generator.t2v.frames(latents)[0]
-    audio = None
-    if r.audio is not None:
-        audio = (read_audio(r.audio, AUDIO_RATE)[:int(round(r.frames / r.fps * AUDIO_RATE))], AUDIO_RATE)
+    if audio is not None:
+        audio = (audio[:int(round(r.frames / r.fps * AUDIO_RATE))], AUDIO_RATE)
     write_video(path, video, fps=r.fps, audio=audio)
     model = {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}
     sidecar = path.with_suffix(".json")

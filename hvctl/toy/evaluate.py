@@ -197,9 +197,10 @@ def evaluate_avatar(s: ToyEvalSettings, progress) -> dict:
     true video passed through the model's VAE and back, which no DiT can beat."""
     import torch
 
-    from hvctl.avatar import (AvatarGenerator, AvatarRecipe, batch_inputs, default_avatar_model_dir, read_avatar_config,
-                              windows)
+    from hvctl.avatar import AvatarGenerator, AvatarRecipe, batch_inputs, read_avatar_config, windows
     from hvctl.generate import prepare_model, resolve, resolve_device_dtype
+    from hvctl.io import write_json_atomic
+    from hvctl.models.default import default_avatar_model_dir
     from hvctl.models.loading import folder_fingerprint
     from hvctl.models.vae import encode_posterior
     from hvctl.progress import progress_bar
@@ -252,8 +253,6 @@ def evaluate_avatar(s: ToyEvalSettings, progress) -> dict:
                "vae_ceiling": avatar_table([{**x["vae_ceiling"], "group": x["group"]} for x in scores])}
         result["runs"].append(run)
         if s.out is not None:
-            from hvctl.io import write_json_atomic
-
             write_json_atomic(Path(s.out) / spec.replace(",", "+") / "scores.json", scores)
     return result
 
