@@ -36,6 +36,7 @@ class EncodeRecipe:
     text_len: int | None = None  # None: the model's
     vae_tiling: bool | None = None  # None: tile frames larger than vae_tile_size
     vae_tile_size: int = 256
+    vae_tile_stats: Literal["frame", "tile"] = "frame"  # GroupNorm statistics of a tile: the whole frame's, or its own
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype
     device: str = "auto"
@@ -98,7 +99,7 @@ class Encoder:
             raise HvctlError(f"{model_dir}: its LLaVA text encoder reads each prompt with an image; hvctl encode needs a text-only one")
         device, dtype = resolve_device_dtype(r.device, r.dtype)
         self.parts = load_components(model_dir, dtype=dtype, device=device, parts=("vae", "text"))
-        configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size)
+        configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size, r.vae_tile_stats)
         self.r, self._conditions = r, None
         p = self.parts
         self.prompt_encoders = {
@@ -106,7 +107,7 @@ class Encoder:
             for template in ("video", "image")
         }
         self.storage_dtype = getattr(torch, r.storage_dtype)
-        self.vae_id = _hash([folder_fingerprint(model_dir / "vae"), r.vae_tiling, r.vae_tile_size, r.storage_dtype])
+        self.vae_id = _hash([folder_fingerprint(model_dir / "vae"), r.vae_tiling, r.vae_tile_size, r.vae_tile_stats, r.storage_dtype])
         self.text_id = _hash([folder_fingerprint(model_dir / n) for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")]
                              + [text_len, r.storage_dtype])
 

@@ -46,6 +46,7 @@ class GenerateRecipe:
     device: str = "auto"
     vae_tiling: bool | None = None  # None: tile frames larger than vae_tile_size
     vae_tile_size: int = 256
+    vae_tile_stats: Literal["frame", "tile"] = "frame"  # GroupNorm statistics of a tile: the whole frame's, or its own
     ulysses_degree: int = 1  # sequence-parallel inference over ulysses_degree x ring_degree processes
     ring_degree: int = 1
     rewrite: RewriteRecipe | None = None  # rewrite the prompt first (hvctl/rewrite.py); None: as written
@@ -150,7 +151,7 @@ class TextToVideo:
         else:
             self.encode = PromptEncoder(p.tokenizer, p.text_encoder, p.tokenizer_2, p.text_encoder_2, text_len=r.text_len)
         self.sampler = FlowMatchEulerSampler(r.steps, r.flow_shift, r.guidance_scale, r.embedded_guidance)
-        configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size)
+        configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size, r.vae_tile_stats)
         channels = latent_channels(self.parts.transformer)
         self.latent_shape = latent_shape(self.parts.vae.config, channels, r.frames, r.height, r.width)
 
