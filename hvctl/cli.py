@@ -515,9 +515,12 @@ def eval_toy(
     table = Table(title=f"toy eval: {result['model']['path']}")
     for column in ("steps", "prompts", "compositions", "videos", "strict", *ATTRIBUTES):
         table.add_column(column, justify="right")
-    for run in result["runs"]:
-        for group, acc in run["accuracy"].items():
-            table.add_row(str(run["steps"]), run["prompts"], group.replace("_", "-"), str(acc["n"]),
+    rows = [(str(run["steps"]), run["prompts"], run["accuracy"]) for run in result["runs"]]
+    if "vae" in result:  # the true videos through the VAE: the ceiling
+        rows.append(("-", "VAE ceiling", result["vae"]["accuracy"]))
+    for steps, prompts, accuracy in rows:
+        for group, acc in accuracy.items():
+            table.add_row(steps, prompts, group.replace("_", "-"), str(acc["n"]),
                           *(f"{100 * acc[k]:.1f}%" for k in ("strict", *ATTRIBUTES)))
     console = Console()
     console.print(table)

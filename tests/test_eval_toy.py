@@ -28,6 +28,7 @@ def test_eval_toy_cli_json(tiny_model, tmp_path):
     assert [run["steps"] for run in report["runs"]] == [2, 3]
     assert report["runs"][0]["accuracy"]["held_out"]["n"] == 1 and report["runs"][0]["accuracy"]["seen"]["n"] == 2
     assert report["vae"]["videos"] == 1 and report["vae"]["psnr"] < 20  # a random VAE reconstructs nothing
+    assert [(g["n"], g["strict"]) for g in report["vae"]["accuracy"].values()] == [(1, 0.0)]
     measured = json.loads((tmp_path / "eval" / "steps3" / "measurements.json").read_text())
     assert len(measured) == 3 and measured[0]["expected"]["color"] in ("red", "blue", "yellow")
     assert len(list((tmp_path / "eval" / "steps2").glob("*.mp4"))) == 3
@@ -49,3 +50,18 @@ def test_eval_toy_rewrite_scores_paraphrased_prompts_as_written_and_rewritten(ti
     rewritten = json.loads((tmp_path / "eval" / "steps2-rewritten-lexicon" / "measurements.json").read_text())
     assert [m["prompt"] for m in as_written] != [m["prompt"] for m in rewritten]
     assert all(m["prompt"].endswith("background") for m in rewritten)
+
+
+def test_the_shape_test_reads_true_videos_through_the_toy_vae():
+    """The eval's ceiling: rendered eval videos through the embedded toy VAE keep their measured
+    attributes. The shape test survives the VAE's blur (a bounding-box fill ratio read most
+    triangles as circles here)."""
+    from hvctl.models.default import default_model_dir
+    from hvctl.models.loading import load_components
+    from hvctl.toy.evaluate import vae_scores
+
+    vae = load_components(default_model_dir(), parts=("vae",)).vae
+    ceiling = vae_scores(vae, 24, seed=0, height=64, width=64, frames=17)
+    for group in ceiling["accuracy"].values():
+        assert group["shape"] >= 0.85 and group["color"] >= 0.75 and group["motion"] >= 0.95, ceiling
+        assert group["background"] == 1.0

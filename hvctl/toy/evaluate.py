@@ -5,7 +5,7 @@ pairs) is generated at the model's default settings unless told otherwise, and e
 measured by `hvctl.toy.world.measure`. Strict accuracy counts videos whose colour, shape, motion
 and background all match the prompt; per-attribute accuracies stand beside it, separately for
 seen and held-out compositions. The VAE is scored apart, by its reconstruction PSNR on rendered
-eval videos. With `i2v`, an image-to-video model starts each video from the first frame of the
+eval videos and the accuracy measured on them after the round trip (the ceiling for any DiT). With `i2v`, an image-to-video model starts each video from the first frame of the
 prompt's rendered eval video: frame 0's PSNR against that image is reported beside the accuracies
 (colour and shape should be kept from the image, motion should follow the prompt).
 """
@@ -72,16 +72,21 @@ def psnr(reference: np.ndarray, test: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def vae_psnr(vae, n: int, seed: int, height: int, width: int, frames: int) -> dict:
-    """Reconstruction PSNR (dB) of rendered eval videos through the VAE's posterior mean."""
+def vae_scores(vae, n: int, seed: int, height: int, width: int, frames: int) -> dict:
+    """The first n eval prompts' true videos through the VAE's posterior mean and back: their
+    reconstruction PSNR (dB), and the accuracy measured on them, the ceiling no DiT using this VAE
+    can pass."""
     from hvctl.models.vae import decode_to_frames, encode_posterior
 
-    scores = []
-    for i in range(n):
-        video = render(sample_spec(seed, i, "eval", "video", size=(height, width), frames=frames))
+    samples, scores, measurements = prompt_set(n, seed), [], []
+    for sample in samples:
+        video = render(sample_spec(seed, sample.index, "eval", "video", size=(height, width), frames=frames))
         mean, _ = encode_posterior(vae, video)
-        scores.append(psnr(video, decode_to_frames(vae, mean[None])[0].numpy()))
-    return {"videos": n, "psnr": float(np.mean(scores)), "psnr_min": float(np.min(scores))}
+        decoded = decode_to_frames(vae, mean[None])[0].numpy()
+        scores.append(psnr(video, decoded))
+        measurements.append(_measure(sample, sample.prompt(), decoded))
+    return {"videos": n, "psnr": float(np.mean(scores)), "psnr_min": float(np.min(scores)),
+            "accuracy": score(samples, measurements)}
 
 
 def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
@@ -167,7 +172,7 @@ def _generate_and_score(s: ToyEvalSettings, samples, base, prompt_forms, result,
             if s.out is not None:
                 write_json_atomic(folder / "measurements.json", measurements)
     if s.vae_videos:
-        result["vae"] = vae_psnr(t2v.parts.vae, s.vae_videos, s.seed, r.height, r.width, r.frames)
+        result["vae"] = vae_scores(t2v.parts.vae, s.vae_videos, s.seed, r.height, r.width, r.frames)
     return result
 
 
