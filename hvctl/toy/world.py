@@ -294,8 +294,8 @@ def track_object(frames, shape=None):
     size [T] (sqrt(area); 0 where no object), angle [T] (rotation in radians, clockwise, within the
     shape's symmetry; NaN for a circle or where no object), visible [T] (bool), the names color,
     shape, background (color and shape None when no object shows), the RGB behind them
-    (color_rgb, background_rgb) and symmetry, the median 3- and 4-fold moments behind the shape. shape: the shape whose symmetry the angle is read
-    with; None: the measured one.
+    (color_rgb, background_rgb) and symmetry, the median 3- and 4-fold moments behind the shape.
+    shape: the shape whose symmetry the angle is read with; None: the measured one.
     """
     video = np.asarray(frames)
     if video.ndim == 3:
