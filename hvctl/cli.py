@@ -461,7 +461,7 @@ def eval_toy(
     embedded_guidance: Optional[float] = typer.Option(None, "--embedded-guidance", help="For guidance-distilled models."),
     flow_shift: Optional[float] = typer.Option(None, "--flow-shift", help="Default: the model's, or by step count."),
     batch_size: int = typer.Option(16, "--batch-size", help="Videos generated at once."),
-    vae_videos: int = typer.Option(32, "--vae-videos", help="Eval videos for the VAE's reconstruction PSNR (0: skip)."),
+    vae_videos: int = typer.Option(32, "--vae-videos", help="Eval videos for the VAE's ceiling: reconstruction PSNR and accuracy after the round trip (0: skip)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the videos and per-video measurements here."),
     rewrite: Optional[str] = typer.Option(None, "--rewrite", help="Instead of the canonical prompts: paraphrased ones, "
                                           "as written and rewritten by this rewriter (e.g. lexicon)."),

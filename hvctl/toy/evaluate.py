@@ -5,8 +5,9 @@ pairs) is generated at the model's default settings unless told otherwise, and e
 measured by `hvctl.toy.world.measure`. Strict accuracy counts videos whose colour, shape, motion
 and background all match the prompt; per-attribute accuracies stand beside it, separately for
 seen and held-out compositions. The VAE is scored apart, by its reconstruction PSNR on rendered
-eval videos and the accuracy measured on them after the round trip (the ceiling for any DiT). With `i2v`, an image-to-video model starts each video from the first frame of the
-prompt's rendered eval video: frame 0's PSNR against that image is reported beside the accuracies
+eval videos and the accuracy measured on them after the round trip (the ceiling for any DiT).
+With `i2v`, an image-to-video model starts each video from the first frame of the prompt's
+rendered eval video: frame 0's PSNR against that image is reported beside the accuracies
 (colour and shape should be kept from the image, motion should follow the prompt).
 """
 
