@@ -141,7 +141,6 @@ def main() -> None:
             row["time_ratio"] = row["tiled"]["seconds"] / row["untiled"]["seconds"]
             row["peak_ratio"] = row["tiled"]["encode_peak_mb"] / max(row["untiled"]["encode_peak_mb"], 1e-9)
             row["rel_l2"], row["rel_l2_tile_stats"] = rel_l2("tiled"), rel_l2("tile-stats")
-            row["frame_stats_time_ratio"] = row["tiled"]["seconds"] / row["tile-stats"]["seconds"]
             results.append(row)
             print(f"  {size}px done", file=sys.stderr, flush=True)
     total = time.perf_counter() - started

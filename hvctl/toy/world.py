@@ -362,7 +362,8 @@ def measure(frames):
     last frame showing the object, its start, mean object area in px, area_cv (coefficient of
     variation of the area over frames) and visible_frames.
     """
-    track = track_object(frames)
+    video = np.asarray(frames)
+    track = track_object(video)
     result = {
         "background": track["background"], "color": track["color"], "shape": track["shape"], "motion": None,
         "background_rgb": track["background_rgb"], "color_rgb": track["color_rgb"], "symmetry": track["symmetry"],
@@ -374,7 +375,7 @@ def measure(frames):
     first, last = track["centre"][visible[0]], track["centre"][visible[-1]]
     dx, dy = last - first
     areas = track["area"][visible]
-    height, width = np.asarray(frames).shape[-3:-1]
+    height, width = video.shape[-3:-1]
     result.update(
         motion=_motion(dx, dy, STILL_UNDER * min(height, width) / BASE_SIDE),
         displacement=(float(dx), float(dy)), start=(float(first[0]), float(first[1])),
