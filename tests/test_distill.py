@@ -66,18 +66,31 @@ def test_distill_writes_a_student_that_generate_and_diffusers_load(tiny_model, c
     from diffusers import HunyuanVideoPipeline
 
     run = tmp_path / "run"
-    result = run_cli("distill", write_recipe(tmp_path / "r.yaml", tiny_model, cache, run), "--json")
+    result = run_cli("distill", write_recipe(tmp_path / "r.yaml", tiny_model, cache, run), "--set", "student_guidance=4.5",
+                     "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["steps"] == 4
     pipe = HunyuanVideoPipeline.from_pretrained(run / "model")
     assert pipe.transformer.config.guidance_embeds
     generation = json.loads((run / "model" / "hvctl.json").read_text())["generation"]
-    assert generation["guidance_scale"] == 1.0 and generation["embedded_guidance"] == 6.0
+    assert generation["guidance_scale"] == 1.0 and generation["embedded_guidance"] == 4.5
     assert json.loads((tiny_model / "hvctl.json").read_text())["generation"]["embedded_guidance"] is None  # teacher untouched
     gen = run_cli("generate", "a red circle moves left on a black background", "--model", run / "model", "--steps", 2,
                   "--frames", 5, "--height", 32, "--width", 32, "--seed", 0, "-o", tmp_path / "v.mp4", "--json")
     assert gen.returncode == 0, gen.stderr
-    assert json.loads(gen.stdout)["settings"]["embedded_guidance"] == 6.0
+    assert json.loads(gen.stdout)["settings"]["embedded_guidance"] == 4.5
+
+
+@pytest.mark.parametrize("teacher_scale, student_guidance, embedded", [(3.0, None, 3.0), (1.0, None, 6.0), (3.0, 5.0, 5.0)])
+def test_the_students_default_guidance(tmp_path, teacher_scale, student_guidance, embedded):
+    """Unless the recipe says otherwise, the student embeds the teacher's CFG scale, or the
+    official 6 for a teacher run without CFG; it always runs one pass."""
+    from hvctl.train.trainer import _embed_guidance_defaults
+
+    (tmp_path / "hvctl.json").write_text(json.dumps({"generation": {"guidance_scale": teacher_scale, "steps": 30}}))
+    _embed_guidance_defaults(tmp_path, student_guidance)
+    generation = json.loads((tmp_path / "hvctl.json").read_text())["generation"]
+    assert generation == {"guidance_scale": 1.0, "embedded_guidance": embedded, "steps": 30}
 
 
 def test_a_guidance_embedded_teacher_is_refused(tiny_guided_model, cache, tmp_path):

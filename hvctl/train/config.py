@@ -159,3 +159,6 @@ class DistillRecipe(TrainRecipe):
     teacher: Path | None = None  # a model folder whose DiT has no guidance embedding
     guidance_range: tuple[float, float] = (1.0, 8.0)  # the scale w, drawn uniformly per sample
     guidance_embedder_init: Literal["zero", "random"] = "zero"  # zero: the student starts as the teacher's conditional pass
+    # The embedded guidance the student's folder defaults to; None: the teacher's scale (6 when it is 1).
+    # A tiny student may need more than the teacher's scale for the same look (README: distill).
+    student_guidance: float | None = None

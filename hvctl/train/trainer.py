@@ -449,7 +449,7 @@ class Trainer:
 
                 save_conditioners(folder / "model", self.model.avatar.config, avatar_weights)
             if self.teacher is not None:
-                _embed_guidance_defaults(folder / "model")
+                _embed_guidance_defaults(folder / "model", self.r.student_guidance)
             trainer = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
                        "optimizer": self._optimizer_settings, "recipe": _recipe_dict(self.r)}
             write_state_files(folder, rng={"torch": torch.get_rng_state()}, trainer=trainer,
@@ -558,8 +558,9 @@ class MetricsLog:
             self.tb.close()
 
 
-def _embed_guidance_defaults(model_dir: Path) -> None:
-    """A distilled student's generation defaults: one pass, the teacher's guidance scale embedded."""
+def _embed_guidance_defaults(model_dir: Path, scale: float | None = None) -> None:
+    """A distilled student's generation defaults: one pass, with `scale` embedded, or else the
+    teacher's guidance scale (6, the official default, when the teacher's is 1)."""
     from hvctl.io import write_json_atomic
 
     info_file = model_dir / "hvctl.json"
@@ -568,7 +569,7 @@ def _embed_guidance_defaults(model_dir: Path) -> None:
     info = json.loads(info_file.read_text())
     generation = info.setdefault("generation", {})
     teacher_scale = generation.get("guidance_scale") or 1.0
-    generation["embedded_guidance"] = teacher_scale if teacher_scale > 1 else 6.0
+    generation["embedded_guidance"] = scale if scale is not None else teacher_scale if teacher_scale > 1 else 6.0
     generation["guidance_scale"] = 1.0
     write_json_atomic(info_file, info)
 
