@@ -69,9 +69,13 @@ def test_generate_with_the_lora_file_matches_the_merged_model(lora_run, tiny_mod
         done = run_cli("generate", *common, *extra, "-o", out)
         assert done.returncode == 0, done.stderr
         outputs[name] = read_video(out)[0].astype(np.int16)
-    assert np.abs(outputs["lora"] - outputs["merged"]).max() <= 2  # codec rounding only
-    assert np.abs(outputs["lora"] - outputs["base"]).max() > 2
-    assert np.abs(outputs["half"] - outputs["base"]).max() <= 2  # scale 0: no change
+    # Mean differences: float rounding (W + BA against W + B(A x)) can tip a few H.264 blocks by a
+    # few levels, which a max over pixels would read as a mismatch.
+    differ = lambda a, b: float(np.abs(outputs[a] - outputs[b]).mean())  # noqa: E731
+    effect = differ("lora", "base")
+    assert effect > 1.0  # the adapter changes the video
+    assert differ("lora", "merged") < 0.1 * effect  # applied as a file or merged: the same video
+    assert differ("half", "base") < 0.1 * effect  # scale 0: no change
 
 
 def test_kohya_conversion_round_trips_and_loads(lora_run, tiny_model, tmp_path):
