@@ -64,7 +64,7 @@ def test_generate_with_the_lora_file_matches_the_merged_model(lora_run, tiny_mod
     outputs = {}
     for name, extra in {"base": ["--model", tiny_model], "lora": ["--model", tiny_model, "--lora", report["lora"]],
                         "merged": ["--model", root / "run" / "model"],
-                        "half": ["--model", tiny_model, "--lora", f"{report['lora']}:0.0"]}.items():
+                        "off": ["--model", tiny_model, "--lora", f"{report['lora']}:0.0"]}.items():
         out = tmp_path / f"{name}.mp4"
         done = run_cli("generate", *common, *extra, "-o", out)
         assert done.returncode == 0, done.stderr
@@ -75,7 +75,7 @@ def test_generate_with_the_lora_file_matches_the_merged_model(lora_run, tiny_mod
     effect = differ("lora", "base")
     assert effect > 1.0  # the adapter changes the video
     assert differ("lora", "merged") < 0.1 * effect  # applied as a file or merged: the same video
-    assert differ("half", "base") < 0.1 * effect  # scale 0: no change
+    assert differ("off", "base") < 0.1 * effect  # scale 0: no change
 
 
 def test_kohya_conversion_round_trips_and_loads(lora_run, tiny_model, tmp_path):
