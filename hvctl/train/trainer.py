@@ -569,7 +569,9 @@ def _embed_guidance_defaults(model_dir: Path, scale: float | None = None) -> Non
     info = json.loads(info_file.read_text())
     generation = info.setdefault("generation", {})
     teacher_scale = generation.get("guidance_scale") or 1.0
-    generation["embedded_guidance"] = scale if scale is not None else teacher_scale if teacher_scale > 1 else 6.0
+    if scale is None:
+        scale = teacher_scale if teacher_scale > 1 else 6.0
+    generation["embedded_guidance"] = scale
     generation["guidance_scale"] = 1.0
     write_json_atomic(info_file, info)
 
