@@ -21,6 +21,8 @@ Tensors of an entry (key = content hash of media, caption, bucket, VAE and text 
     {key}.pooled.{v}                      (D2,) CLIP pooled output of caption variant v
     {key}.cond.{name}                     avatar conditions (hvctl/avatar.py): reference and pose
                                           latents, audio and expression features per frame, audio_mask
+    {key}.loss_mask                       (1, T', H', W') the manifest's loss mask on the latent grid,
+                                          in [0, 1] (hvctl/encode.py: pool_loss_mask)
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class CacheEntry:
     shard: str  # file name under shards/
     split: str | None = None
     conditions: tuple[str, ...] = ()  # avatar conditions cached with it: cond.{name}
+    loss_mask: bool = False  # a loss mask is cached with it
 
     @classmethod
     def from_json(cls, d: dict) -> "CacheEntry":
@@ -184,7 +187,8 @@ class LatentCache(torch.utils.data.Dataset):
     """Training's view of a cache: one item per entry, grouped by bucket.
 
     An item holds the VAE posterior (mean, std), and the text states of one caption variant
-    padded to `text_len` with their mask, and the CLIP pooled vector.
+    padded to `text_len` with their mask, and the CLIP pooled vector, and its loss mask on the
+    latent grid (ones when the sample has none, so that every batch stacks one).
     """
 
     def __init__(self, root: str | Path, text_len: int = 256, split: str | None = None, ids=None):
@@ -228,10 +232,12 @@ class LatentCache(torch.utils.data.Dataset):
         variant = variant % entry.text_variants
         get = lambda name: self._tensor(entry.shard, f"{entry.key}.{name}")  # noqa: E731
         text, mask = self.pad_text(get(f"text.{variant}"))
+        latent_mean = get("latent_mean")
         return {
             "id": entry.id, "key": entry.key, "bucket": entry.bucket, "kind": entry.kind,
-            "latent_mean": get("latent_mean"), "latent_std": get("latent_std"),
+            "latent_mean": latent_mean, "latent_std": get("latent_std"),
             "text_states": text, "text_mask": mask, "pooled": get(f"pooled.{variant}"),
+            "loss_mask": get("loss_mask") if entry.loss_mask else torch.ones_like(latent_mean[:1]),
             **{f"cond.{name}": get(f"cond.{name}") for name in entry.conditions},
         }
 

@@ -416,6 +416,9 @@ def toy_render(
                                               "hybrid (a random non-empty subset each): --videos of them, with a "
                                               "reference image and the driving signals."),
     frames: Optional[int] = typer.Option(None, help="Frames per avatar video, 4k+1 (default 17)."),
+    loss_masks: bool = typer.Option(True, "--loss-masks/--no-loss-masks",
+                                    help="Also write each sample's object mask (masks/, manifest field loss_mask) "
+                                         "for a masked training loss (flow.unmasked_weight)."),
     as_json: bool = JSON_OPTION,
 ):
     """Render the toy world: videos (mp4), images (png) and a manifest."""
@@ -446,7 +449,8 @@ def toy_render(
              as_json, f"wrote {manifest} ({videos} avatar videos, {driven} driven, split {split})")
         return
     with progress_bar(videos + images, "rendering", enabled=None if not as_json else False) as advance:
-        manifest = render_dataset(out, videos, images, seed, split, sizes=sizes, on_progress=lambda done, total: advance())
+        manifest = render_dataset(out, videos, images, seed, split, sizes=sizes, loss_masks=loss_masks,
+                                  on_progress=lambda done, total: advance())
     emit({"manifest": str(manifest), "videos": videos, "images": images, "seed": seed, "split": split}, as_json,
          f"wrote {manifest} ({videos} videos, {images} images, split {split})")
 

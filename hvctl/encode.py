@@ -22,6 +22,8 @@ from hvctl.errors import HvctlError
 from hvctl.toy.world import ASPECT_BUCKETS, DURATION_BUCKETS
 
 CONDITION_FIELDS = ("reference", "audio", "pose", "expression", "audio_mask")  # hvctl/avatar.py's, kept torch-free here
+LOSS_MASK_FIELD = "loss_mask"  # a manifest field: an image or video, white where the loss weighs fully
+MASK_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # other loss masks are read as videos
 
 
 @dataclass
@@ -131,6 +133,19 @@ class Encoder:
         mean, std = encode_posterior(self.parts.vae, frames)
         return {"latent_mean": mean.to(self.storage_dtype), "latent_std": std.to(self.storage_dtype)}
 
+    def encode_loss_mask(self, mask_frames, bucket) -> dict:
+        """A loss mask (image [1,H,W,3] or video [T,H,W,3] uint8) fitted to the bucket as the media
+        is, then pooled onto the VAE's latent grid."""
+        from hvctl.data.buckets import fit_to_bucket
+
+        h, w, n = bucket
+        if mask_frames.shape[0] == 1:  # one image masks every frame
+            mask_frames = mask_frames.repeat(n, axis=0)
+        fitted = fit_to_bucket(mask_frames, bucket)
+        config = self.parts.vae.config
+        pooled = pool_loss_mask(fitted, config.spatial_compression_ratio, config.temporal_compression_ratio)
+        return {LOSS_MASK_FIELD: pooled.to(self.storage_dtype)}
+
     def encode_texts(self, texts: list[str], template: str) -> dict:
         text = self.prompt_encoders[template](texts)
         tensors = {}
@@ -139,6 +154,32 @@ class Encoder:
             tensors[f"text.{v}"] = text.llm_states[v, :n].to(self.storage_dtype)  # padding is rebuilt on reading
             tensors[f"pooled.{v}"] = text.pooled[v].to(self.storage_dtype)
         return tensors
+
+
+def pool_loss_mask(frames, spatial: int, temporal: int):
+    """Mask frames [T,H,W,3] uint8 -> [1, T', H', W'] in [0, 1] on the latent grid of a causal VAE:
+    latent frame 0 encodes frame 0 alone, each later one the next `temporal` frames.
+
+    Max pooling: a latent counts as masked when any pixel it encodes is, since it carries that
+    pixel's content (a small object covers a fraction of its cells; averaging would dilute it).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    mask = torch.from_numpy(frames).float().mean(dim=-1) / 255.0  # [T, H, W], grey level
+    mask = F.max_pool2d(mask[:, None], spatial)[:, 0]
+    groups = [mask[:1]] + [mask[i:i + temporal] for i in range(1, mask.shape[0], temporal)]
+    return torch.stack([g.amax(dim=0) for g in groups])[None]
+
+
+def _loss_mask_mismatch(mask_shape, media_shape) -> str | None:
+    """Why a loss mask [T,H,W,3] cannot mask this media, or None: it must have the media's size and
+    either its frame count or one frame (an image, for every frame)."""
+    if mask_shape[1:3] != media_shape[1:3]:
+        return f"loss mask is {mask_shape[2]}x{mask_shape[1]}, the media {media_shape[2]}x{media_shape[1]}"
+    if mask_shape[0] not in (1, media_shape[0]):
+        return f"loss mask has {mask_shape[0]} frames, the media {media_shape[0]}"
+    return None
 
 
 def _hash(items) -> str:
@@ -222,6 +263,12 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
                     if missing:
                         fail(rec.id, missing[0], "condition file not found")
                         continue
+                    mask_path = manifest.parent / rec.extra[LOSS_MASK_FIELD] if rec.extra.get(LOSS_MASK_FIELD) else None
+                    if mask_path is not None:
+                        if not mask_path.is_file():
+                            fail(rec.id, mask_path, "loss mask file not found")
+                            continue
+                        key_parts.append(("loss_mask", file_sha256(mask_path)))
                     if conditions:  # the key covers the condition files and whatever encodes them
                         key_parts.append(sorted((name, file_sha256(p)) for name, p in conditions.items()))
                         if "audio" in conditions:
@@ -231,6 +278,18 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
                         skipped += 1
                         continue
                     tensors = encoder.encode_media(fit_to_bucket(frames, bucket))
+                    if mask_path is not None:
+                        try:
+                            is_image = mask_path.suffix.lower() in MASK_IMAGE_SUFFIXES
+                            mask_frames = read_image(mask_path)[None] if is_image else read_video(mask_path)[0]
+                        except HvctlError as e:
+                            fail(rec.id, mask_path, str(e).removeprefix(f"{mask_path}: "))
+                            continue
+                        problem = _loss_mask_mismatch(mask_frames.shape, frames.shape)
+                        if problem:
+                            fail(rec.id, mask_path, problem)
+                            continue
+                        tensors.update(encoder.encode_loss_mask(mask_frames, bucket))
                     if conditions:
                         try:
                             tensors.update(encoder.encode_conditions(conditions, bucket, rec.fps or 1.0))
@@ -239,7 +298,8 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
                             continue
                     tensors.update(encoder.encode_texts(texts, "image" if rec.kind == "image" else "video"))
                     entry = {"key": key, "id": rec.id, "kind": rec.kind, "bucket": list(bucket),
-                             "text_variants": len(texts), "split": rec.split, "conditions": sorted(conditions)}
+                             "text_variants": len(texts), "split": rec.split, "conditions": sorted(conditions),
+                             "loss_mask": mask_path is not None}
                     writer.add(entry, tensors)
                     latest[rec.id] = key
                     encoded += 1

@@ -9,16 +9,18 @@ import numpy as np
 from hvctl.data.manifest import ManifestRecord, write_manifest
 from hvctl.errors import HvctlError
 from hvctl.io import atomic_output
-from hvctl.toy.world import AUDIO_RATE, FPS, avatar_modes, avatar_spec, render, sample_spec
+from hvctl.toy.world import AUDIO_RATE, FPS, avatar_modes, avatar_spec, object_mask, render, sample_spec
 from hvctl.video import write_image, write_video, write_wav
 
 
-def render_dataset(out_dir, videos, images, seed, split, sizes=None, on_progress=None):
+def render_dataset(out_dir, videos, images, seed, split, sizes=None, loss_masks=True, on_progress=None):
     """Write `videos` videos and `images` images of a split; the same seed gives the same dataset.
 
     sizes: (height, width) list that samples cycle through by index; None draws each sample's
     size from the aspect buckets. Video lengths are drawn from the duration buckets.
     The manifest's `toy` field holds each sample's ground truth (ToySample as a dict).
+    loss_masks: also write masks/ID.mp4 (or .png), the object's coverage in grey, named by the
+    manifest field `loss_mask` (what `hvctl encode` caches for a masked training loss).
     Returns the manifest's path.
     """
     out_dir = Path(out_dir)
@@ -36,14 +38,20 @@ def render_dataset(out_dir, videos, images, seed, split, sizes=None, on_progress
         sample_id = f"toy-{split}-{letter}{index:05d}"
         media = f"media/{sample_id}.{'mp4' if kind == 'video' else 'png'}"
         frames = render(sample)
-        if kind == "video":
-            write_video(out_dir / media, frames, FPS)
-        else:
-            write_image(out_dir / media, frames[0])
+        files = {media: frames}
+        extra = {"toy": asdict(sample)}
+        if loss_masks:
+            extra["loss_mask"] = media.replace("media/", "masks/", 1)
+            files[extra["loss_mask"]] = object_mask(sample, frames)
+        for path, content in files.items():
+            if kind == "video":
+                write_video(out_dir / path, content, FPS)
+            else:
+                write_image(out_dir / path, content[0])
         records.append(ManifestRecord(
             id=sample_id, media=media, kind=kind, width=sample.width, height=sample.height,
             frames=sample.frames, fps=float(FPS) if kind == "video" else None,
-            caption=sample.caption(), split=split, extra={"toy": asdict(sample)},
+            caption=sample.caption(), split=split, extra=extra,
         ))
         if on_progress is not None:
             on_progress(done, len(plan))

@@ -258,6 +258,16 @@ def draw(shape, color, background, size, centres, radii, angles=None):
     return video
 
 
+def object_mask(sample, frames):
+    """The object's coverage of each pixel of `render(sample)`'s frames, as grey frames [T,H,W,3]
+    uint8 (255: all object, 0: all background): a pixel is background + c * (colour - background)."""
+    background = np.array(BACKGROUNDS[sample.background], dtype=np.float64)
+    step = np.array(OBJECT_COLORS[sample.color], dtype=np.float64) - background
+    coverage = (frames.astype(np.float64) - background) @ step / (step @ step)
+    grey = np.rint(np.clip(coverage, 0.0, 1.0) * 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def _inside(shape, dx, dy, r):
     if shape == "circle":
         return dx * dx + dy * dy <= r * r

@@ -33,6 +33,9 @@ class FlowConfig:
     stratified: bool = False  # CogVideoX: each rank draws from its own slice of [0, 1]
     loss_weighting: Literal["none", "cosmap"] = "none"
     guidance: float = 1.0  # embedded guidance fed to a guidance-embedded model while training
+    # Masked loss (the manifest's loss_mask, cached by encode): latents outside the mask weigh this
+    # much against 1 inside, normalised per sample; 1 ignores masks, 0 trains on the masked part alone.
+    unmasked_weight: float = 1.0
 
 
 @dataclass

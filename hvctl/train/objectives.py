@@ -21,6 +21,8 @@ class FlowMatchingObjective:
     def __init__(self, flow, empty_text: dict | None, empty_prompt_rate: float, condition_drop: dict | None = None):
         if empty_prompt_rate > 0 and empty_text is None:
             raise HvctlError("empty_prompt_rate > 0 needs the empty prompt's text states in the cache (re-run hvctl encode)")
+        if not 0 <= flow.unmasked_weight <= 1:
+            raise HvctlError(f"flow.unmasked_weight must be in [0, 1], got {flow.unmasked_weight}")
         self.flow, self.empty_text, self.empty_prompt_rate = flow, empty_text, empty_prompt_rate
         self.condition_drop = condition_drop or {}
 
@@ -86,13 +88,24 @@ class FlowMatchingObjective:
         prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], guidance, image, avatar)
         target = velocity_target(b["x0"], b["noise"]).to(prediction.device)
         squared = F.mse_loss(prediction, target, reduction="none")
-        if image is None:
-            per_sample = squared.mean(dim=(1, 2, 3, 4))
-        else:  # token_replace: frame 0 is given, not predicted
-            weight = image.loss_mask(squared).expand_as(squared)
-            per_sample = (squared * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4))
+        # token_replace: frame 0 is given, not predicted
+        weight = self.latent_weights(batch, squared, None if image is None else image.loss_mask(squared))
+        per_sample = (squared * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4))
         loss = (loss_weights(b["sigma"], self.flow.loss_weighting).to(prediction.device) * per_sample).mean()
         return loss, {"loss": loss.item(), "sigma_mean": b["sigma"].mean().item()}
+
+    def latent_weights(self, batch: dict, squared: torch.Tensor, predicted: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-latent loss weights, shaped like `squared`, from the batch's cached loss masks: 1
+        inside a mask, flow.unmasked_weight outside, times `predicted` (0 where the model is given
+        the answer). A sample whose weights come to all zero (say, an empty mask with
+        unmasked_weight 0) keeps `predicted` alone rather than dividing by zero."""
+        base = torch.ones_like(squared) if predicted is None else predicted.expand_as(squared).to(squared.dtype)
+        if self.flow.unmasked_weight == 1 or "loss_mask" not in batch:
+            return base
+        mask = batch["loss_mask"].to(squared.device, squared.dtype)
+        weight = (self.flow.unmasked_weight + (1 - self.flow.unmasked_weight) * mask) * base
+        empty = weight.sum(dim=(1, 2, 3, 4)) == 0
+        return torch.where(empty.view(-1, 1, 1, 1, 1), base, weight)
 
 
 class GuidanceDistillationObjective(FlowMatchingObjective):
@@ -117,7 +130,9 @@ class GuidanceDistillationObjective(FlowMatchingObjective):
             unconditional = self.predict(self.teacher, b["x0"], b["noise"], b["sigma"], empty)
             target = unconditional + scale.view(n, 1, 1, 1, 1).to(conditional.device) * (conditional - unconditional)
         prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], scale)
-        loss = F.mse_loss(prediction, target)
+        squared = F.mse_loss(prediction, target, reduction="none")
+        weight = self.latent_weights(batch, squared)
+        loss = ((squared * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4))).mean()
         return loss, {"loss": loss.item(), "guidance_mean": scale.mean().item()}
 
 

@@ -230,6 +230,9 @@ class Trainer:
             dataset = LatentCache(cache, text_len=text_len, split=d.split, ids=ids)
             if not len(dataset):
                 raise HvctlError(f"{cache}: no cached samples" + (f" in split {d.split}" if d.split else ""))
+            if self.r.flow.unmasked_weight != 1 and not any(e.loss_mask for e in dataset.entries):
+                raise HvctlError(f"flow.unmasked_weight {self.r.flow.unmasked_weight} needs loss masks, and {cache} has none "
+                                 "(set each manifest record's loss_mask, then run hvctl encode again)")
             if self.r.avatar is not None:
                 self._check_cached_conditions(dataset)
             if self.teacher is not None:
