@@ -23,7 +23,6 @@ from hvctl.toy.world import ASPECT_BUCKETS, DURATION_BUCKETS
 
 CONDITION_FIELDS = ("reference", "audio", "pose", "expression", "audio_mask")  # hvctl/avatar.py's, kept torch-free here
 LOSS_MASK_FIELD = "loss_mask"  # a manifest field: an image or video, white where the loss weighs fully
-MASK_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # other loss masks are read as videos
 
 
 @dataclass
@@ -138,9 +137,8 @@ class Encoder:
         is, then pooled onto the VAE's latent grid."""
         from hvctl.data.buckets import fit_to_bucket
 
-        h, w, n = bucket
         if mask_frames.shape[0] == 1:  # one image masks every frame
-            mask_frames = mask_frames.repeat(n, axis=0)
+            mask_frames = mask_frames.repeat(bucket[2], axis=0)
         fitted = fit_to_bucket(mask_frames, bucket)
         config = self.parts.vae.config
         pooled = pool_loss_mask(fitted, config.spatial_compression_ratio, config.temporal_compression_ratio)
@@ -192,6 +190,7 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
     on_problem(message) hears each skipped sample as it happens (the CLI prints it).
     """
     from hvctl.cache import CacheLock, ShardWriter, latest_by_id, load_entries, shard_dir, write_empty_text, write_index
+    from hvctl.curate import IMAGE_SUFFIXES
     from hvctl.data.buckets import BucketConfig, assign_bucket, fit_to_bucket
     from hvctl.data.captions import caption_variants
     from hvctl.data.manifest import iter_manifest
@@ -280,7 +279,7 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
                     tensors = encoder.encode_media(fit_to_bucket(frames, bucket))
                     if mask_path is not None:
                         try:
-                            is_image = mask_path.suffix.lower() in MASK_IMAGE_SUFFIXES
+                            is_image = mask_path.suffix.lower() in IMAGE_SUFFIXES  # anything else is read as a video
                             mask_frames = read_image(mask_path)[None] if is_image else read_video(mask_path)[0]
                         except HvctlError as e:
                             fail(rec.id, mask_path, str(e).removeprefix(f"{mask_path}: "))

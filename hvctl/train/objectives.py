@@ -89,23 +89,22 @@ class FlowMatchingObjective:
         target = velocity_target(b["x0"], b["noise"]).to(prediction.device)
         squared = F.mse_loss(prediction, target, reduction="none")
         # token_replace: frame 0 is given, not predicted
-        weight = self.latent_weights(batch, squared, None if image is None else image.loss_mask(squared))
-        per_sample = (squared * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4))
+        per_sample = self.per_sample_loss(batch, squared, None if image is None else image.loss_mask(squared))
         loss = (loss_weights(b["sigma"], self.flow.loss_weighting).to(prediction.device) * per_sample).mean()
         return loss, {"loss": loss.item(), "sigma_mean": b["sigma"].mean().item()}
 
-    def latent_weights(self, batch: dict, squared: torch.Tensor, predicted: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-latent loss weights, shaped like `squared`, from the batch's cached loss masks: 1
-        inside a mask, flow.unmasked_weight outside, times `predicted` (0 where the model is given
-        the answer). A sample whose weights come to all zero (say, an empty mask with
-        unmasked_weight 0) keeps `predicted` alone rather than dividing by zero."""
-        base = torch.ones_like(squared) if predicted is None else predicted.expand_as(squared).to(squared.dtype)
-        if self.flow.unmasked_weight == 1 or "loss_mask" not in batch:
-            return base
-        mask = batch["loss_mask"].to(squared.device, squared.dtype)
-        weight = (self.flow.unmasked_weight + (1 - self.flow.unmasked_weight) * mask) * base
-        empty = weight.sum(dim=(1, 2, 3, 4)) == 0
-        return torch.where(empty.view(-1, 1, 1, 1, 1), base, weight)
+    def per_sample_loss(self, batch: dict, squared: torch.Tensor, predicted: torch.Tensor | None = None) -> torch.Tensor:
+        """Each sample's weighted mean of `squared` (B, C, T, H, W). The weights come from the
+        batch's cached loss masks: 1 inside a mask, flow.unmasked_weight outside, times `predicted`
+        (0 where the model is given the answer). A sample whose weights come to all zero (say, an
+        empty mask with unmasked_weight 0) keeps `predicted` alone rather than dividing by zero."""
+        weight = torch.ones_like(squared) if predicted is None else predicted.expand_as(squared).to(squared.dtype)
+        if self.flow.unmasked_weight != 1 and "loss_mask" in batch:
+            mask = batch["loss_mask"].to(squared.device, squared.dtype)
+            masked = (self.flow.unmasked_weight + (1 - self.flow.unmasked_weight) * mask) * weight
+            empty = masked.sum(dim=(1, 2, 3, 4)) == 0
+            weight = torch.where(empty.view(-1, 1, 1, 1, 1), weight, masked)
+        return (squared * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4))
 
 
 class GuidanceDistillationObjective(FlowMatchingObjective):
@@ -130,9 +129,7 @@ class GuidanceDistillationObjective(FlowMatchingObjective):
             unconditional = self.predict(self.teacher, b["x0"], b["noise"], b["sigma"], empty)
             target = unconditional + scale.view(n, 1, 1, 1, 1).to(conditional.device) * (conditional - unconditional)
         prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], scale)
-        squared = F.mse_loss(prediction, target, reduction="none")
-        weight = self.latent_weights(batch, squared)
-        loss = ((squared * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4))).mean()
+        loss = self.per_sample_loss(batch, F.mse_loss(prediction, target, reduction="none")).mean()
         return loss, {"loss": loss.item(), "guidance_mean": scale.mean().item()}
 
 
