@@ -441,7 +441,7 @@ def toy_render(
         modes = avatar_modes(avatar)
         with progress_bar(videos, "rendering", enabled=None if not as_json else False) as advance:
             manifest = render_avatar_dataset(out, videos, seed, split, modes, frames=17 if frames is None else frames,
-                                             size=sizes[0] if sizes else (64, 64),
+                                             size=sizes[0] if sizes else (64, 64), loss_masks=loss_masks,
                                              on_progress=lambda done, total: advance())
         driven = modes if modes == "hybrid" else ",".join(modes) or "nothing"
         emit({"manifest": str(manifest), "videos": videos, "images": 0, "seed": seed, "split": split,

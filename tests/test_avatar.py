@@ -12,7 +12,7 @@ from conftest import run_cli
 from hvctl.avatar import (AvatarConditioners, WindowedDenoiser, batch_inputs, blend_weights, load_conditioners,
                           save_conditioners, windows)
 from hvctl.toy.render import render_avatar_dataset
-from hvctl.toy.world import AUDIO_RATE, avatar_spec
+from hvctl.toy.world import AUDIO_RATE, AvatarSample, avatar_spec
 
 ALL = {"reference": {}, "pose": {}, "audio": {"feature_dim": 80, "blocks": [0]}, "expression": {"feature_dim": 2, "every": 1}}
 
@@ -211,6 +211,12 @@ def test_encode_caches_each_samples_conditions(avatar_data, avatar_cache):
         if "expression" in named:
             truth = np.load(avatar_data.parent / records[entry.id].extra["expression"])
             assert torch.allclose(item["cond.expression"].float(), torch.from_numpy(truth), atol=1e-3)
+        # the render's loss mask, on the latent grid: the cell under the object's centre, little else
+        assert entry.loss_mask and item["loss_mask"].shape == (1, 3, 4, 4)
+        sample = AvatarSample.from_dict(records[entry.id].extra["toy_avatar"])
+        x, y = sample.centres()[0]
+        assert item["loss_mask"][0, 0, int(y) // 8, int(x) // 8] == 1
+        assert 0 < item["loss_mask"].float().mean() < 0.5
 
 
 def test_a_changed_condition_file_is_encoded_again_and_a_missing_one_reported(avatar_data, tiny_model, tmp_path):
@@ -363,7 +369,7 @@ def test_model_compose_carries_the_conditioners_recast(avatar_model, tmp_path):
 def test_the_embedded_toy_avatar_model_follows_the_audio_and_the_pose(tmp_path):
     """The shipped model (recipes/toy/avatar.yaml), with no --model: a 33-frame clip, so two
     blended windows, tracks the pose and sizes the object by the loudness."""
-    from hvctl.toy.world import AvatarSample, score_avatar
+    from hvctl.toy.world import score_avatar
     from hvctl.video import read_video
 
     manifest = render_avatar_dataset(tmp_path / "data", 1, seed=7, split="eval", modes=("audio", "pose"), frames=33)

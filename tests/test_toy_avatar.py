@@ -14,7 +14,7 @@ from hvctl.errors import HvctlError
 from hvctl.toy.render import render_avatar_dataset
 from hvctl.toy.world import (
     AUDIO_RATE, AVATAR_MODES, BACKGROUNDS, FPS, HELD_OUT, OBJECT_COLORS, SHAPES, AvatarSample, avatar_spec, draw,
-    score_avatar, track_object,
+    object_mask, score_avatar, track_object,
 )
 from hvctl.video import read_audio, read_image, read_video, write_video, write_wav
 
@@ -292,7 +292,12 @@ def test_render_avatar_dataset_is_deterministic_and_writes_each_mode(tmp_path):
         present = {k for k in ("reference", "audio", "pose", "expression") if k in record.extra}
         assert present == {"reference", *sample.modes}
         files = {p.relative_to(a.parent).as_posix() for p in a.parent.rglob(f"{record.id}.*")}
-        assert files == {record.media, *(record.extra[k] for k in present)}
+        assert record.extra["loss_mask"] == f"masks/{record.id}.mp4"
+        assert files == {record.media, record.extra["loss_mask"], *(record.extra[k] for k in present)}
+        # the mask is the object's coverage of the target video: where it moves, grows and turns
+        mask = read_video(a.parent / record.extra["loss_mask"])[0].astype(int)
+        assert np.abs(mask - object_mask(sample, sample.render())).mean() < 2
+        assert (mask[..., 0] > 128).sum() > 0.5 * (object_mask(sample, sample.render())[..., 0] > 128).sum()
         for relative in files:
             assert (a.parent / relative).read_bytes() == (b.parent / relative).read_bytes()
         assert np.array_equal(read_image(a.parent / record.extra["reference"]), sample.reference())
@@ -327,6 +332,12 @@ def test_cli_renders_an_avatar_dataset(tmp_path):
     assert len(records) == 3 and all({"audio", "pose"} <= set(r.extra) and "expression" not in r.extra
                                       for r in records)
     assert (records[0].height, records[0].width, records[0].frames) == (64, 64, 17)
+    assert all((tmp_path / "out" / r.extra["loss_mask"]).is_file() for r in records)
+    plain = run_cli("toy", "render", tmp_path / "plain", "--avatar", "audio,pose", "--videos", "3", "--no-loss-masks")
+    assert plain.returncode == 0, plain.stderr
+    assert not (tmp_path / "plain" / "masks").exists()
+    assert [{**r.extra, "loss_mask": None} for r in records] == [
+        {**r.extra, "loss_mask": None} for r in read_manifest(tmp_path / "plain" / "manifest.jsonl")]
     bad = run_cli("toy", "render", tmp_path / "bad", "--avatar", "audio,smile", "--videos", "2")
     assert bad.returncode == 1 and "'smile'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     images = run_cli("toy", "render", tmp_path / "bad", "--avatar", "hybrid", "--videos", "2", "--images", "1")

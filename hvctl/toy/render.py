@@ -58,7 +58,8 @@ def render_dataset(out_dir, videos, images, seed, split, sizes=None, loss_masks=
     return write_manifest(out_dir / "manifest.jsonl", records)
 
 
-def render_avatar_dataset(out_dir, count, seed, split, modes, frames=17, size=(64, 64), on_progress=None):
+def render_avatar_dataset(out_dir, count, seed, split, modes, frames=17, size=(64, 64), loss_masks=True,
+                          on_progress=None):
     """Write `count` avatar samples of a split; the same seed gives the same dataset.
 
     modes: the driving modes (toy.world.avatar_modes: a list, a comma list or "hybrid"). Per
@@ -66,7 +67,8 @@ def render_avatar_dataset(out_dir, count, seed, split, modes, frames=17, size=(6
     reference/ID.png, and for its modes audio/ID.wav, pose/ID.mp4, expression/ID.npy (float32
     [frames, 2], cos and sin of the angle). The manifest names them in the fields reference, audio,
     pose and expression, and holds each sample's ground truth in `toy_avatar` (AvatarSample as a
-    dict; AvatarSample.from_dict reads it back). Returns the manifest's path.
+    dict; AvatarSample.from_dict reads it back). loss_masks: also masks/ID.mp4, as render_dataset
+    writes them. Returns the manifest's path.
     """
     out_dir = Path(out_dir)
     if count < 1:
@@ -81,7 +83,11 @@ def render_avatar_dataset(out_dir, count, seed, split, modes, frames=17, size=(6
         paths.update({mode: f"{mode}/{sample_id}.{ext}" for mode, ext in
                       (("audio", "wav"), ("pose", "mp4"), ("expression", "npy")) if mode in sample.modes})
         audio = (sample.audio(), AUDIO_RATE) if "audio" in sample.modes else None
-        write_video(out_dir / paths["media"], sample.render(), FPS, audio=audio)
+        video = sample.render()
+        write_video(out_dir / paths["media"], video, FPS, audio=audio)
+        if loss_masks:
+            paths["loss_mask"] = f"masks/{sample_id}.mp4"
+            write_video(out_dir / paths["loss_mask"], object_mask(sample, video), FPS)
         write_image(out_dir / paths["reference"], sample.reference())
         if "audio" in paths:
             write_wav(out_dir / paths["audio"], *audio)
