@@ -381,7 +381,7 @@ def test_the_embedded_toy_avatar_model_follows_the_audio_and_the_pose(tmp_path):
     assert done.returncode == 0, done.stderr
     score = score_avatar(sample, read_video(out)[0])
     frozen = score_avatar(sample, np.repeat(sample.reference()[None], sample.frames, axis=0))
-    assert score["pose_error_px"] < 4 < frozen["pose_error_px"]  # measured 2.1 px; holding still: 8.5
+    assert score["pose_error_px"] < 4 < frozen["pose_error_px"]  # measured 2.3 px; holding still: 8.5
     assert score["size_correlation"] > 0.5  # measured 0.80
     assert score["color_kept"] and score["background_kept"]
 
