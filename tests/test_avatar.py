@@ -367,8 +367,8 @@ def test_model_compose_carries_the_conditioners_recast(avatar_model, tmp_path):
 
 
 def test_the_embedded_toy_avatar_model_follows_the_audio_and_the_pose(tmp_path):
-    """The shipped model (recipes/toy/avatar.yaml), with no --model: a 33-frame clip, so two
-    blended windows, tracks the pose and sizes the object by the loudness."""
+    """The shipped model (recipes/toy/avatar.yaml, then avatar-masked(2).yaml), with no --model: a
+    33-frame clip, so two blended windows, tracks the pose and sizes the object by the loudness."""
     from hvctl.toy.world import score_avatar
     from hvctl.video import read_video
 
