@@ -466,6 +466,7 @@ def eval_toy(
     flow_shift: Optional[float] = typer.Option(None, "--flow-shift", help="Default: the model's, or by step count."),
     batch_size: int = typer.Option(16, "--batch-size", help="Videos generated at once."),
     vae_videos: int = typer.Option(32, "--vae-videos", help="Eval videos for the VAE's ceiling: reconstruction PSNR and accuracy after the round trip (0: skip)."),
+    vae_only: bool = typer.Option(False, "--vae-only", help="Score only the VAE's ceiling (--vae-videos of them); generate nothing."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the videos and per-video measurements here."),
     rewrite: Optional[str] = typer.Option(None, "--rewrite", help="Instead of the canonical prompts: paraphrased ones, "
                                           "as written and rewritten by this rewriter (e.g. lexicon)."),
@@ -487,8 +488,10 @@ def eval_toy(
     for name, value in (("prompts", prompts), ("batch-size", batch_size)):
         if value < 1:
             raise HvctlError(f"--{name} must be at least 1, got {value}")
-    if sum(map(bool, (i2v, rewrite, avatar))) > 1:
-        raise HvctlError("--i2v, --rewrite and --avatar: choose one")
+    if sum(map(bool, (i2v, rewrite, avatar, vae_only))) > 1:
+        raise HvctlError("--i2v, --rewrite, --avatar and --vae-only: choose one")
+    if vae_only and vae_videos < 1:
+        raise HvctlError("--vae-only needs --vae-videos of at least 1")
     if avatar:
         from hvctl.toy.world import avatar_modes
 
@@ -500,7 +503,7 @@ def eval_toy(
         raise HvctlError("--vae-videos must be >= 0 and --steps >= 1")
     settings = ToyEvalSettings(model=model, prompts=prompts, seed=seed, steps=tuple(steps or ()),
                                guidance_scale=guidance_scale, embedded_guidance=embedded_guidance,
-                               flow_shift=flow_shift, batch_size=batch_size, vae_videos=vae_videos, out=out,
+                               flow_shift=flow_shift, batch_size=batch_size, vae_videos=vae_videos, vae_only=vae_only, out=out,
                                device=device, i2v=i2v, avatar=tuple(avatar or ()), frames=frames,
                                condition_guidance={"audio": audio_guidance} if audio_guidance != 1.0 else {},
                                rewrite=RewriteRecipe(rewriter=rewrite, model=rewrite_model) if rewrite else None)
@@ -563,16 +566,19 @@ def model_init(
     guidance_embeds: Optional[bool] = typer.Option(None, "--guidance-embeds/--no-guidance-embeds", help="Give the DiT a guidance embedding (default: the preset's)."),
     seed: int = typer.Option(0, help="Seed of the random initialisation."),
     dtype: str = typer.Option("float32", help="Weight dtype: float32, bfloat16 or float16."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="COMPONENT.KEY=VALUE", help="Change a preset config key, e.g. vae.latent_channels=8 (repeatable)."),
     as_json: bool = JSON_OPTION,
 ):
     """Write a new randomly initialised model folder in diffusers format."""
     from hvctl.models.info import describe
     from hvctl.models.presets import get_preset, init_model
+    from hvctl.recipe import parse_overrides
 
     get_preset(preset)  # an unknown name fails before any import of torch
     if dtype not in ("float32", "bfloat16", "float16"):
         raise HvctlError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
-    path = init_model(preset, out, meta=meta, guidance_embeds=guidance_embeds, seed=seed, dtype=dtype)
+    path = init_model(preset, out, meta=meta, guidance_embeds=guidance_embeds, seed=seed, dtype=dtype,
+                      overrides=parse_overrides(overrides or []))
     info = describe(path)
     emit(info, as_json, f"wrote {path} ({preset}, {info['parameters']:,} parameters{', configs only' if meta else ''})")
 

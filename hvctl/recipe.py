@@ -202,6 +202,20 @@ def _parse_override(text: str) -> tuple[_KeyPath, Any]:
         raise HvctlError(f"--set {text}: invalid YAML value: {' '.join(problem.split())}") from None
 
 
+def parse_overrides(texts: list[str]) -> dict:
+    """["a.b=1", "a.c=x"] -> {"a": {"b": 1, "c": "x"}}: `--set` pairs outside a recipe."""
+    result: dict = {}
+    for text in texts:
+        keys, value = _parse_override(text)
+        node = result
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise HvctlError(f"--set {text}: '{key}' is already set to a value")
+        node[keys[-1]] = value
+    return result
+
+
 def _nest(keys: _KeyPath, value: Any) -> dict:
     """("a", "b"), 1 -> {"a": {"b": 1}}"""
     for key in reversed(keys):

@@ -34,6 +34,14 @@ def test_eval_toy_cli_json(tiny_model, tmp_path):
     assert len(list((tmp_path / "eval" / "steps2").glob("*.mp4"))) == 3
 
 
+def test_eval_toy_vae_only_scores_the_ceiling_alone(tiny_model):
+    result = run_cli("eval", "toy", "--model", str(tiny_model), "--vae-only", "--vae-videos", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["runs"] == [] and report["vae"]["videos"] == 2 and report["vae"]["psnr"] < 20
+    assert sum(g["n"] for g in report["vae"]["accuracy"].values()) == 2
+
+
 def test_eval_toy_rejects_bad_counts(tiny_model):
     result = run_cli("eval", "toy", "--model", str(tiny_model), "--prompts", "0")
     assert result.returncode == 1 and result.stderr.strip() == "error: --prompts must be at least 1, got 0"

@@ -61,6 +61,28 @@ def test_model_command_errors_are_one_line(args, culprit):
     assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], result.stderr
 
 
+def test_init_overrides_change_the_preset_config(tmp_path):
+    result = run_cli("model", "init", "--preset", "toy", tmp_path / "m", "--json",
+                     "--set", "vae.latent_channels=8", "--set", "vae.norm_num_groups=2",
+                     "--set", "transformer.in_channels=8", "--set", "transformer.out_channels=8")
+    assert result.returncode == 0, result.stderr
+    vae = json.loads((tmp_path / "m" / "vae" / "config.json").read_text())
+    transformer = json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())
+    assert vae["latent_channels"] == 8 and vae["norm_num_groups"] == 2 and transformer["in_channels"] == 8
+    assert vae["block_out_channels"] == [16, 32, 64]  # the rest is the preset's
+    assert json.loads((tmp_path / "m" / "hvctl.json").read_text())["overrides"]["vae"]["latent_channels"] == 8
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("vae.latent_chanels=8", "vae.latent_chanels"), ("unet.x=1", "unet"), ("vae=3", "vae"),
+])
+def test_init_refuses_unknown_overrides(tmp_path, override, culprit):
+    result = run_cli("model", "init", "--preset", "toy", tmp_path / "m", "--set", override)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], result.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_init_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     result = run_cli("model", "init", "--preset", "tiny", tmp_path)

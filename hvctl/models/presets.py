@@ -147,6 +147,38 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+# The components whose configuration a preset override may change, and the diffusers class
+# whose constructor names the keys it accepts.
+_OVERRIDABLE = {"transformer": "HunyuanVideoTransformer3DModel", "vae": "AutoencoderKLHunyuanVideo"}
+
+
+def with_overrides(preset: Preset, overrides: dict | None) -> Preset:
+    """A copy of `preset` with {component: {config key: value}} changed: how the toy-model
+    experiments try other widths, depths, latent channels and GroupNorm groups without a new
+    preset each. Unknown components or keys are refused by name."""
+    import dataclasses
+    import inspect
+
+    if not overrides:
+        return preset
+    import diffusers
+
+    changed = {}
+    for component, values in overrides.items():
+        if component not in _OVERRIDABLE:
+            raise HvctlError(f"preset override '{component}': choose one of {', '.join(_OVERRIDABLE)}")
+        if not isinstance(values, dict):
+            raise HvctlError(f"preset override '{component}': expected a mapping of config keys, got {values!r}")
+        accepted = inspect.signature(getattr(diffusers, _OVERRIDABLE[component]).__init__).parameters
+        for key in values:
+            if key not in accepted or key == "self":
+                raise HvctlError(f"preset override '{component}.{key}': {_OVERRIDABLE[component]} has no such key")
+        config = dict(getattr(preset, component))
+        config.update({k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        changed[component] = config
+    return dataclasses.replace(preset, **changed)
+
+
 def build_components(preset: Preset, *, meta: bool = False, guidance_embeds: bool | None = None, seed: int = 0):
     """Instantiate every component of a preset: randomly initialised, or on the meta device."""
     import torch
@@ -252,14 +284,15 @@ def write_model_folder(out: Path, components: dict, generation: dict, *, meta: b
 
 
 def init_model(preset_name: str, out: Path, *, meta: bool = False, guidance_embeds: bool | None = None,
-               seed: int = 0, dtype: str = "float32") -> Path:
-    """`hvctl model init`: a new randomly initialised model folder (or configs only, with meta)."""
+               seed: int = 0, dtype: str = "float32", overrides: dict | None = None) -> Path:
+    """`hvctl model init`: a new randomly initialised model folder (or configs only, with meta).
+    overrides: {component: {config key: value}} on top of the preset (`with_overrides`)."""
     import torch
 
     from hvctl.models.loading import quiet_libraries
 
     quiet_libraries()
-    preset = get_preset(preset_name)
+    preset = with_overrides(get_preset(preset_name), overrides)
     components = build_components(preset, meta=meta, guidance_embeds=guidance_embeds, seed=seed)
     generation = dict(preset.generation)
     if components["transformer"].config.guidance_embeds and generation["embedded_guidance"] is None:
@@ -268,5 +301,5 @@ def init_model(preset_name: str, out: Path, *, meta: bool = False, guidance_embe
         generation["embedded_guidance"] = None
     return write_model_folder(
         out, components, generation, meta=meta, dtype=getattr(torch, dtype),
-        extra={"preset": preset.name, "seed": seed},
+        extra={"preset": preset.name, "seed": seed, **({"overrides": overrides} if overrides else {})},
     )

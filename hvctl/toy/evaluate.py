@@ -37,6 +37,7 @@ class ToyEvalSettings:
     flow_shift: float | None = None
     batch_size: int = 16
     vae_videos: int = 32  # 0: skip the VAE's reconstruction score
+    vae_only: bool = False  # score the VAE's ceiling alone, generating nothing (a VAE being designed)
     out: Path | None = None  # also write every video and the per-video measurements here
     device: str = "auto"
     rewrite: RewriteRecipe | None = None  # also: paraphrased prompts, as written and rewritten
@@ -101,6 +102,8 @@ def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
                           flow_shift=s.flow_shift)
     if s.i2v:
         return _with_first_frames(s, samples, base, progress)
+    if s.vae_only:
+        return _vae_ceiling_only(s, base)
     result = {"model": None, "prompts": s.prompts, "seed": s.seed, "runs": []}
     prompt_forms = [("canonical", [x.prompt() for x in samples])]
     if s.rewrite is not None:
@@ -113,6 +116,18 @@ def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
                              "kept_as_written": sum(x["warning"] is not None for x in rewritten),
                              "exact_canonical": sum(x["rewritten"] == sample.prompt() for x, sample in zip(rewritten, samples))}
     return _generate_and_score(s, samples, base, prompt_forms, result, progress)
+
+
+def _vae_ceiling_only(s: ToyEvalSettings, base) -> dict:
+    """The VAE's ceiling at the model's default size, without loading the DiT or text encoders."""
+    from hvctl.generate import prepare, resolve_device_dtype
+    from hvctl.models.loading import folder_fingerprint, load_components
+
+    r, model_dir = prepare(base)
+    device, dtype = resolve_device_dtype(r.device, r.dtype)
+    vae = load_components(model_dir, dtype=dtype, device=device, parts=("vae",)).vae
+    return {"model": {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}, "prompts": 0,
+            "seed": s.seed, "runs": [], "vae": vae_scores(vae, s.vae_videos, s.seed, r.height, r.width, r.frames)}
 
 
 def _with_first_frames(s: ToyEvalSettings, samples, base, progress) -> dict:

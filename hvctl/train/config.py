@@ -122,6 +122,7 @@ class TrainRecipe:
     model: Path | None = None  # the starting model folder (a previous stage's output)
     init_preset: str | None = None  # or a new model from a preset (`hvctl model init`)
     init_guidance_embeds: bool | None = None
+    init_overrides: dict[str, dict] | None = None  # with init_preset: {vae: {latent_channels: 8}, transformer: {...}}
     trainable: list[str] | None = None  # parameter-name prefixes to train (e.g. [decoder]); None: all
     lora: LoraSettings | None = None  # DiT only: train LoRA adapters instead (hvctl/lora.py); None: full weights
     # Make a text-to-video DiT image-to-video before training (hvctl/conditioning.py); a model that

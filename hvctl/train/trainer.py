@@ -190,7 +190,8 @@ class Trainer:
 
         base = self.run / "base-model"
         if self.ranks.is_main and not (base / "model_index.json").is_file():
-            init_model(self.r.init_preset, base, guidance_embeds=self.r.init_guidance_embeds, seed=self.r.seed)
+            init_model(self.r.init_preset, base, guidance_embeds=self.r.init_guidance_embeds, seed=self.r.seed,
+                       overrides=self.r.init_overrides)
         barrier(self.ranks)
         return base
 
