@@ -415,7 +415,8 @@ def toy_render(
                                          help="Avatar samples driven by a comma list of audio,pose,expression, or "
                                               "hybrid (a random non-empty subset each): --videos of them, with a "
                                               "reference image and the driving signals."),
-    frames: Optional[int] = typer.Option(None, help="Frames per avatar video, 4k+1 (default 17)."),
+    frames: Optional[int] = typer.Option(None, help="Frames per video, 4k+1 (default: avatar 17, others drawn from the "
+                                               "duration buckets 9, 17, 33)."),
     loss_masks: bool = typer.Option(True, "--loss-masks/--no-loss-masks",
                                     help="Also write each sample's object mask (masks/, manifest field loss_mask) "
                                          "for a masked training loss (flow.unmasked_weight)."),
@@ -431,8 +432,8 @@ def toy_render(
             sizes = [tuple(int(v) for v in s.lower().split("x")) for s in size]
         except ValueError:
             raise HvctlError(f"--size {size}: expected HxW, e.g. 64x96") from None
-    if avatar is None and frames is not None:
-        raise HvctlError("--frames applies to --avatar only; toy videos draw their length from the duration buckets")
+    if frames is not None and (frames < 5 or (frames - 1) % 4):
+        raise HvctlError(f"--frames {frames}: a toy video has 4k+1 frames, k >= 1")
     if avatar is not None and (images or len(sizes or ()) > 1):
         raise HvctlError("--avatar renders videos only, at one size: give --videos and at most one --size")
     if avatar is not None:
@@ -449,7 +450,7 @@ def toy_render(
              as_json, f"wrote {manifest} ({videos} avatar videos, {driven} driven, split {split})")
         return
     with progress_bar(videos + images, "rendering", enabled=None if not as_json else False) as advance:
-        manifest = render_dataset(out, videos, images, seed, split, sizes=sizes, loss_masks=loss_masks,
+        manifest = render_dataset(out, videos, images, seed, split, sizes=sizes, frames=frames, loss_masks=loss_masks,
                                   on_progress=lambda done, total: advance())
     emit({"manifest": str(manifest), "videos": videos, "images": images, "seed": seed, "split": split}, as_json,
          f"wrote {manifest} ({videos} videos, {images} images, split {split})")
@@ -466,6 +467,8 @@ def eval_toy(
     flow_shift: Optional[float] = typer.Option(None, "--flow-shift", help="Default: the model's, or by step count."),
     batch_size: int = typer.Option(16, "--batch-size", help="Videos generated at once."),
     vae_videos: int = typer.Option(32, "--vae-videos", help="Eval videos for the VAE's ceiling: reconstruction PSNR and accuracy after the round trip (0: skip)."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Prompts from this rendered toy manifest (its first "
+                                            "--prompts clips, e.g. the ones a model trained on) instead of the eval split."),
     vae_only: bool = typer.Option(False, "--vae-only", help="Score only the VAE's ceiling (--vae-videos of them); generate nothing."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the videos and per-video measurements here."),
     rewrite: Optional[str] = typer.Option(None, "--rewrite", help="Instead of the canonical prompts: paraphrased ones, "
@@ -490,6 +493,8 @@ def eval_toy(
             raise HvctlError(f"--{name} must be at least 1, got {value}")
     if sum(map(bool, (i2v, rewrite, avatar, vae_only))) > 1:
         raise HvctlError("--i2v, --rewrite, --avatar and --vae-only: choose one")
+    if manifest is not None and (i2v or avatar):
+        raise HvctlError("--manifest gives text-to-video prompts: not with --i2v or --avatar")
     if vae_only and vae_videos < 1:
         raise HvctlError("--vae-only needs --vae-videos of at least 1")
     if avatar:
@@ -503,7 +508,7 @@ def eval_toy(
         raise HvctlError("--vae-videos must be >= 0 and --steps >= 1")
     settings = ToyEvalSettings(model=model, prompts=prompts, seed=seed, steps=tuple(steps or ()),
                                guidance_scale=guidance_scale, embedded_guidance=embedded_guidance,
-                               flow_shift=flow_shift, batch_size=batch_size, vae_videos=vae_videos, vae_only=vae_only, out=out,
+                               flow_shift=flow_shift, batch_size=batch_size, vae_videos=vae_videos, vae_only=vae_only, manifest=manifest, out=out,
                                device=device, i2v=i2v, avatar=tuple(avatar or ()), frames=frames,
                                condition_guidance={"audio": audio_guidance} if audio_guidance != 1.0 else {},
                                rewrite=RewriteRecipe(rewriter=rewrite, model=rewrite_model) if rewrite else None)

@@ -42,6 +42,22 @@ def test_eval_toy_vae_only_scores_the_ceiling_alone(tiny_model):
     assert sum(g["n"] for g in report["vae"]["accuracy"].values()) == 2
 
 
+def test_eval_toy_manifest_scores_the_manifests_clips(tiny_model, tmp_path):
+    from hvctl.toy.render import render_dataset
+
+    manifest = render_dataset(tmp_path / "clips", 3, 0, seed=5, split="train", sizes=[(32, 48)], frames=5)
+    result = run_cli("eval", "toy", "--model", str(tiny_model), "--manifest", str(manifest), "--prompts", "2",
+                     "--steps", "1", "--vae-videos", "0", "--out", str(tmp_path / "eval"), "--json")
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout)["runs"][0]
+    assert (run["height"], run["width"], run["frames"]) == (32, 48, 5)  # the clips' own size and length
+    measured = json.loads((tmp_path / "eval" / "steps1" / "measurements.json").read_text())
+    truths = [json.loads(line)["toy"] for line in manifest.read_text().splitlines()[:2]]
+    assert [m["expected"]["color"] for m in measured] == [t["color"] for t in truths]
+    assert [m["prompt"] for m in measured] == [json.loads(line)["caption"]["short_description"]
+                                              for line in manifest.read_text().splitlines()[:2]]
+
+
 def test_eval_toy_rejects_bad_counts(tiny_model):
     result = run_cli("eval", "toy", "--model", str(tiny_model), "--prompts", "0")
     assert result.returncode == 1 and result.stderr.strip() == "error: --prompts must be at least 1, got 0"

@@ -158,3 +158,13 @@ def test_render_dataset_cycles_given_sizes(tmp_path):
         with pytest.raises(HvctlError, match="positive multiples of 16"):
             render_dataset(tmp_path / "bad", 2, 0, seed=0, split="eval", sizes=sizes)
     assert not (tmp_path / "bad").exists()
+
+
+def test_render_dataset_at_a_fixed_length_keeps_the_content(tmp_path):
+    """--frames fixes every video's length (images stay 1 frame) and changes nothing else drawn."""
+    fixed = read_manifest(render_dataset(tmp_path / "f", 3, 1, seed=4, split="train", sizes=[(64, 64)], frames=17))
+    drawn = read_manifest(render_dataset(tmp_path / "d", 3, 1, seed=4, split="train", sizes=[(64, 64)]))
+    assert [r.frames for r in fixed] == [17, 17, 17, 1]
+    for a, b in zip(fixed, drawn):
+        assert (a.extra["toy"]["color"], a.extra["toy"]["shape"], a.extra["toy"]["motion"]) == \
+               (b.extra["toy"]["color"], b.extra["toy"]["shape"], b.extra["toy"]["motion"])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hvctl.errors import HvctlError
 from hvctl.rewrite import Rewriter, RewriteRecipe
 from hvctl.toy.world import HELD_OUT, paraphrase, render, sample_spec
 
@@ -38,6 +39,7 @@ class ToyEvalSettings:
     batch_size: int = 16
     vae_videos: int = 32  # 0: skip the VAE's reconstruction score
     vae_only: bool = False  # score the VAE's ceiling alone, generating nothing (a VAE being designed)
+    manifest: Path | None = None  # prompts from a rendered toy manifest instead (e.g. the clips a model trained on)
     out: Path | None = None  # also write every video and the per-video measurements here
     device: str = "auto"
     rewrite: RewriteRecipe | None = None  # also: paraphrased prompts, as written and rewritten
@@ -50,6 +52,23 @@ class ToyEvalSettings:
 def prompt_set(n: int, seed: int):
     """The toy samples whose captions are the prompts; their attributes are the right answers."""
     return [sample_spec(seed, i, "eval", "video") for i in range(n)]
+
+
+def manifest_samples(path: Path, n: int) -> list:
+    """The first n toy samples of a rendered manifest (its records' `toy` truth): how a model is
+    scored on the very clips it trained on (the sanity bound of docs/toy-models.md)."""
+    from hvctl.data.manifest import read_manifest
+    from hvctl.toy.world import ToySample
+
+    samples = []
+    for record in read_manifest(path)[:n]:
+        truth = record.extra.get("toy")
+        if not isinstance(truth, dict):
+            raise HvctlError(f"{path}: record {record.id} has no toy truth (render it with hvctl toy render)")
+        samples.append(ToySample(**{**truth, "start": tuple(truth["start"])}))
+    if not samples:
+        raise HvctlError(f"{path}: no samples")
+    return samples
 
 
 def group_of(sample) -> str:
@@ -96,10 +115,15 @@ def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
 
     if s.avatar:
         return evaluate_avatar(s, progress)
-    samples = prompt_set(s.prompts, s.seed)
+    samples = manifest_samples(s.manifest, s.prompts) if s.manifest else prompt_set(s.prompts, s.seed)
+    size = {}
+    if s.manifest:  # generated at the clips' own size and length, so that they are the answers
+        size = {"height": samples[0].height, "width": samples[0].width, "frames": samples[0].frames}
+        if any((x.height, x.width, x.frames) != tuple(size.values()) for x in samples):
+            raise HvctlError(f"{s.manifest}: its clips differ in size or length; eval needs one")
     base = GenerateRecipe(prompt=samples[0].prompt() if samples else "-", model=s.model, seed=s.seed, device=s.device,
                           guidance_scale=s.guidance_scale, embedded_guidance=s.embedded_guidance,
-                          flow_shift=s.flow_shift)
+                          flow_shift=s.flow_shift, **size)
     if s.i2v:
         return _with_first_frames(s, samples, base, progress)
     if s.vae_only:

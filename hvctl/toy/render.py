@@ -13,11 +13,11 @@ from hvctl.toy.world import AUDIO_RATE, FPS, avatar_modes, avatar_spec, object_m
 from hvctl.video import write_image, write_video, write_wav
 
 
-def render_dataset(out_dir, videos, images, seed, split, sizes=None, loss_masks=True, on_progress=None):
+def render_dataset(out_dir, videos, images, seed, split, sizes=None, frames=None, loss_masks=True, on_progress=None):
     """Write `videos` videos and `images` images of a split; the same seed gives the same dataset.
 
     sizes: (height, width) list that samples cycle through by index; None draws each sample's
-    size from the aspect buckets. Video lengths are drawn from the duration buckets.
+    size from the aspect buckets. frames: every video's length; None draws it from the duration buckets.
     The manifest's `toy` field holds each sample's ground truth (ToySample as a dict).
     loss_masks: also write masks/ID.mp4 (or .png), the object's coverage in grey, named by the
     manifest field `loss_mask` (what `hvctl encode` caches for a masked training loss).
@@ -34,15 +34,15 @@ def render_dataset(out_dir, videos, images, seed, split, sizes=None, loss_masks=
     records = []
     for done, (kind, letter, index) in enumerate(plan, 1):
         size = sizes[index % len(sizes)] if sizes else None
-        sample = sample_spec(seed, index, split, kind, size=size)
+        sample = sample_spec(seed, index, split, kind, size=size, frames=frames if kind == "video" else None)
         sample_id = f"toy-{split}-{letter}{index:05d}"
         media = f"media/{sample_id}.{'mp4' if kind == 'video' else 'png'}"
-        frames = render(sample)
-        files = {media: frames}
+        pixels = render(sample)
+        files = {media: pixels}
         extra = {"toy": asdict(sample)}
         if loss_masks:
             extra["loss_mask"] = media.replace("media/", "masks/", 1)
-            files[extra["loss_mask"]] = object_mask(sample, frames)
+            files[extra["loss_mask"]] = object_mask(sample, pixels)
         for path, content in files.items():
             if kind == "video":
                 write_video(out_dir / path, content, FPS)
