@@ -58,25 +58,21 @@ def read_weights(path: Path, load_key: str | None = None) -> tuple[dict, dict]:
 
 def _torch_load(path: Path):
     import pickle
+    import re
+    import zipfile
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # Zip-format files (every torch.save since 1.6) are memory-mapped: a 26 GB checkpoint is not copied.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0]
-        raise HvctlError(f"{path}: not loadable as weights only, so it is not read ({reason[:160]})") from None
-    except RuntimeError as e:
-        if "mmap" in str(e):  # a legacy (pre-zip) torch file: no memory map, still weights only
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e2:
-                raise HvctlError(f"{path}: not loadable as weights only, so it is not read ({str(e2).splitlines()[0][:160]})") from None
-            except Exception as e2:  # noqa: BLE001
-                raise HvctlError(f"{path}: not a torch checkpoint ({type(e2).__name__})") from None
-        raise HvctlError(f"{path}: not a torch checkpoint ({str(e).strip().splitlines()[0][:160]})") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise HvctlError(f"{path}: not loadable as weights only (it holds a {found.group(1)}), so it is not read") from None
+        raise HvctlError(f"{path}: not a torch checkpoint") from None
     except Exception as e:  # noqa: BLE001 (zipfile, EOF, ... for files that are not torch files at all)
-        raise HvctlError(f"{path}: not a torch checkpoint ({type(e).__name__}: {str(e).strip()[:120]})") from None
+        raise HvctlError(f"{path}: not a torch checkpoint ({type(e).__name__})") from None
 
 
 def _unnest(path: Path, obj, load_key: str | None):
