@@ -8,6 +8,7 @@ what an official checkpoint holds."""
 import argparse
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -303,7 +304,11 @@ def test_an_official_checkpoint_becomes_a_folder_with_the_same_output(kind, tiny
     reference.to(torch.bfloat16).float()  # what the checkpoint holds
 
     out = tmp_path / "converted"
-    done = run_cli("model", "convert", ckpt, out, "--base", tiny_model, "--vae", official_vae, "--json")
+    if kind == "t2v":  # the official ckpts layout, the VAE found in it
+        shutil.copytree(official_vae.parent, tmp_path / "ckpts/vae")
+        done = run_cli("model", "convert", tmp_path / "ckpts", out, "--base", tiny_model, "--json")
+    else:
+        done = run_cli("model", "convert", ckpt, out, "--base", tiny_model, "--vae", official_vae, "--json")
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
     assert info["components"]["transformer"]["config"]["image_condition_type"] == (None if kind == "t2v" else "latent_concat")
@@ -396,6 +401,20 @@ def test_diffusers_official_diffusers_is_bit_exact(tiny_guided_model, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
         assert json.loads((again / component / "config.json").read_text()) | {"_diffusers_version": 0} == \
             json.loads((tiny_guided_model / component / "config.json").read_text()) | {"_diffusers_version": 0}
+
+
+def test_token_replace_is_said_and_prefixes_are_dropped(tmp_path):
+    from safetensors.torch import save_file
+
+    from hvctl.models.convert import read_weights
+
+    state = official_model().state_dict()
+    assert official.transformer_config(state, {"rope_axes_dim": SIZES["rope"]})["image_condition_type"] is None
+    config = official.transformer_config(state, {"rope_axes_dim": SIZES["rope"], "image_condition_type": "token_replace"})
+    assert config["image_condition_type"] == "token_replace" and config["in_channels"] == 16
+    save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(tmp_path / "comfy.safetensors"))
+    read, _ = read_weights(tmp_path / "comfy.safetensors")
+    assert read.keys() == state.keys()
 
 
 def test_load_key_picks_module_or_ema(tmp_path):
