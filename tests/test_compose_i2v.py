@@ -51,3 +51,14 @@ def test_a_llava_text_encoder_needs_an_i2v_model(tiny_model, llava_folder, tmp_p
     done = run_cli("model", "compose", tiny_model, tmp_path / "x", "--take", f"text_encoder={llava_folder}")
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
     assert "only for an image-to-video model" in done.stderr and not (tmp_path / "x").exists()
+
+
+def test_convert_refuses_a_text_to_video_checkpoint_on_a_llava_base(llava_folder, tmp_path):
+    from hvctl.errors import HvctlError
+    from hvctl.models.convert import to_diffusers
+    from test_model_convert import SIZES, OfficialDiT
+
+    model = OfficialDiT(16, guidance=True, s=dict(SIZES, heads=4, rope=(4, 6, 6)))  # the LLaVA folder's DiT's head size
+    torch.save({"module": model.state_dict()}, tmp_path / "t2v.pt")
+    with pytest.raises(HvctlError, match="LLaVA text encoder is an image-to-video one"):
+        to_diffusers(tmp_path / "t2v.pt", tmp_path / "out", base=llava_folder)

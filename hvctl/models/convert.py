@@ -129,6 +129,9 @@ def to_diffusers(src: Path, out: Path, *, base: Path, vae: Path | None = None, l
     elif CONFIG_METADATA not in metadata:
         defaults["image_condition_type"] = None  # a 16-channel checkpoint is text-to-video unless --i2v says
     config = official.transformer_config(state, defaults)
+    if i2v == "token_replace" and config["image_condition_type"] == "latent_concat":
+        raise HvctlError(f"--i2v token_replace: {transformer_file} takes {config['in_channels']} = 2x{config['out_channels']}+1 "
+                         "input channels, the latent_concat design")
     if i2v == "latent_concat" and config["image_condition_type"] != "latent_concat":
         raise HvctlError(f"--i2v latent_concat: {transformer_file} takes {config['in_channels']} input channels, "
                          f"not 2x{config['out_channels']}+1")
@@ -184,6 +187,9 @@ def _official_vae_config_beside(vae: Path) -> dict:
 
 def _check_fits_base(base, config: dict) -> None:
     """The text encoders the new folder takes from the base must feed this transformer."""
+    if base.reads_images and config["image_condition_type"] is None:
+        raise HvctlError(f"--base {base.path}: its LLaVA text encoder is an image-to-video one; for a text-to-video "
+                         "checkpoint take a base with a Llama text encoder (or give --i2v for an I2V checkpoint)")
     text = base.component_config("text_encoder")
     width = (text.get("text_config") or {}).get("hidden_size", text.get("hidden_size"))
     if width is not None and width != config["text_embed_dim"]:
