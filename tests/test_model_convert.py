@@ -288,7 +288,8 @@ def official_vae(tiny_model, tmp_path_factory):
     state = load_file(str(tiny_model / "vae/diffusion_pytorch_model.safetensors"))
     torch.save({"state_dict": {f"vae.{k}": v for k, v in state.items()}}, folder / "pytorch_model.pt")
     config = json.loads((tiny_model / "vae/config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(official.official_vae_config(config)))
+    # A scaling factor of its own: the converted VAE must take it from this file, not from the base.
+    (folder / "config.json").write_text(json.dumps(dict(official.official_vae_config(config), scaling_factor=0.5)))
     return folder / "pytorch_model.pt"
 
 
@@ -326,7 +327,7 @@ def test_an_official_checkpoint_becomes_a_folder_with_the_same_output(kind, tiny
 
     vae = AutoencoderKLHunyuanVideo.from_pretrained(out / "vae")
     base_vae = AutoencoderKLHunyuanVideo.from_pretrained(tiny_model / "vae")
-    assert vae.config.norm_num_groups == base_vae.config.norm_num_groups  # from the official config.json
+    assert vae.config.scaling_factor == 0.5 and vae.config.norm_num_groups == base_vae.config.norm_num_groups
     assert all(torch.equal(v, base_vae.state_dict()[k]) for k, v in vae.state_dict().items())
     for name in ("text_encoder", "text_encoder_2", "tokenizer", "scheduler"):  # copied from the base as they are
         for file in (tiny_model / name).iterdir():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hvctl.errors import HvctlError
 from hvctl.models import official
+from hvctl.progress import progress_bar
 
 LOAD_KEYS = ("module", "ema")
 NESTING = ("module", "ema", "state_dict", "model")  # wrappers DeepSpeed and trainers put around a state dict
@@ -102,11 +103,8 @@ def to_diffusers(src: Path, out: Path, *, base: Path, vae: Path | None = None, l
                  i2v: str | None = None, dtype: str | None = None) -> Path:
     """An official transformer (file, or a folder in the official or `--to official` layout) and VAE
     into a new diffusers model folder whose other components are copied from `base`."""
-    import torch
-
     from hvctl.conditioning import CONDITION_TYPES
     from hvctl.models.loading import ModelFolder, quiet_libraries
-    from hvctl.models.presets import write_model_folder
 
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -120,7 +118,19 @@ def to_diffusers(src: Path, out: Path, *, base: Path, vae: Path | None = None, l
     if vae is None and src.is_dir() and any((src / n).is_file() for n in OFFICIAL_VAE):
         vae = _find(src, OFFICIAL_VAE, "VAE")
 
+    with progress_bar(3, "convert") as advance:  # read, convert, write: minutes each for the 13B model
+        return _to_diffusers(transformer_file, out, base_folder, vae, load_key, i2v, dtype, advance)
+
+
+def _to_diffusers(transformer_file: Path, out: Path, base_folder, vae: Path | None, load_key: str | None,
+                  i2v: str | None, dtype: str | None, advance) -> Path:
+    import torch
+
+    from hvctl.models.presets import write_model_folder
+
+    base = base_folder.path
     state, metadata = read_weights(transformer_file, load_key)
+    advance()
     defaults = dict(base_folder.component_config("transformer"))
     if CONFIG_METADATA in metadata:  # written by --to official: what shapes cannot say
         defaults.update(json.loads(metadata[CONFIG_METADATA]))
@@ -139,6 +149,7 @@ def to_diffusers(src: Path, out: Path, *, base: Path, vae: Path | None = None, l
     components = {"transformer": _build("HunyuanVideoTransformer3DModel", config, official.official_to_diffusers(state),
                                         transformer_file)}
     del state
+    advance()
     if vae is not None:
         vae_state, _ = read_weights(Path(vae), load_key=None)
         vae_state = official.strip_vae_prefix(vae_state)
@@ -168,8 +179,10 @@ def to_diffusers(src: Path, out: Path, *, base: Path, vae: Path | None = None, l
 
     extra = {"converted_from": {"transformer": str(transformer_file), "vae": str(vae) if vae else None,
                                 "base": str(base), **({"load_key": load_key} if load_key else {})}}
-    return write_model_folder(out, components, generation, meta=False, index=base_folder.index,
+    path = write_model_folder(out, components, generation, meta=False, index=base_folder.index,
                               dtype=getattr(torch, dtype) if dtype else None, extra=extra, write_more=copy_rest)
+    advance()
+    return path
 
 
 def _official_vae_config_beside(vae: Path) -> dict:
@@ -240,7 +253,6 @@ def _folder_state(folder: Path) -> dict:
 def to_official(src: Path, out: Path, *, dtype: str | None = None) -> Path:
     """A diffusers model folder's transformer and VAE in the official names, as safetensors files in `out`."""
     import torch
-    from safetensors.torch import save_file
 
     from hvctl.models.loading import ModelFolder
 
@@ -248,11 +260,22 @@ def to_official(src: Path, out: Path, *, dtype: str | None = None) -> Path:
     folder = ModelFolder.open(src)
     _out_is_free(out)
     folder.component_class("transformer")
+    if "vae" in folder.index:
+        folder.component_class("vae")
     if not folder.has_weights:
         raise HvctlError(f"{src}: has configs but no weights (written with --meta)")
     cast = (lambda t: t.to(getattr(torch, dtype))) if dtype else (lambda t: t)
     transformer_config = {k: v for k, v in folder.component_config("transformer").items() if not k.startswith("_")}
+    with progress_bar(2, "convert") as advance:
+        return _to_official(folder, out, transformer_config, cast, advance)
+
+
+def _to_official(folder, out: Path, transformer_config: dict, cast, advance) -> Path:
+    from safetensors.torch import save_file
+
+    src = folder.path
     state = official.diffusers_to_official(_folder_state(src / "transformer"))
+    advance()
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -261,7 +284,6 @@ def to_official(src: Path, out: Path, *, dtype: str | None = None) -> Path:
         save_file({k: cast(v).contiguous() for k, v in state.items()}, str(tmp / OFFICIAL_TRANSFORMER[0]), metadata=metadata)
         del state
         if "vae" in folder.index:
-            folder.component_class("vae")
             vae_state = _folder_state(src / "vae")
             save_file({k: cast(v).contiguous() for k, v in vae_state.items()}, str(tmp / OFFICIAL_VAE[0]), metadata={"format": "pt"})
             vae_config = official.official_vae_config(folder.component_config("vae"))
@@ -272,4 +294,5 @@ def to_official(src: Path, out: Path, *, dtype: str | None = None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    advance()
     return out
