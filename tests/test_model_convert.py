@@ -308,11 +308,13 @@ def test_an_official_checkpoint_becomes_a_folder_with_the_same_output(kind, tiny
     if kind == "t2v":  # the official ckpts layout, the VAE found in it
         shutil.copytree(official_vae.parent, tmp_path / "ckpts/vae")
         done = run_cli("model", "convert", tmp_path / "ckpts", out, "--base", tiny_model, "--json")
-    else:
-        done = run_cli("model", "convert", ckpt, out, "--base", tiny_model, "--vae", official_vae, "--json")
-    assert done.returncode == 0, done.stderr
-    info = json.loads(done.stdout)
-    assert info["components"]["transformer"]["config"]["image_condition_type"] == (None if kind == "t2v" else "latent_concat")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["components"]["transformer"]["config"]["image_condition_type"] is None
+    else:  # in-process: the command's path is the t2v case's
+        from hvctl.models.convert import to_diffusers
+
+        to_diffusers(ckpt, out, base=tiny_model, vae=official_vae)
+        assert json.loads((out / "transformer/config.json").read_text())["image_condition_type"] == "latent_concat"
 
     stored = load_file(str(out / "transformer/diffusion_pytorch_model.safetensors"))
     assert {v.dtype for v in stored.values()} == {torch.bfloat16}  # as the checkpoint stores it
@@ -456,3 +458,21 @@ def test_bad_inputs_are_one_line_errors(tiny_model, tmp_path):
     torch.save({"module": state, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt")
     one_line_error(run_cli("model", "convert", tmp_path / "pickled.pt", out, "--base", tiny_model), "weights only")
     assert not out.exists()
+
+
+def test_the_13b_configuration_is_read_from_its_shapes():
+    """The official 13B layout, on the meta device: the config found from the shapes is the official one."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from hvctl.models.presets import PRESETS
+
+    expected = PRESETS["hunyuan-t2v-720p"].transformer
+    with torch.device("meta"):
+        state = HunyuanVideoTransformer3DModel(**expected).state_dict()
+    theirs = official.diffusers_to_official(state)
+    assert theirs["single_blocks.39.linear1.weight"].shape == (3 * 3072 + 4 * 3072, 3072)
+    assert theirs["double_blocks.19.img_attn_qkv.weight"].shape == (3 * 3072, 3072)
+    config = official.transformer_config(theirs, {})  # no base to lean on: rope from the official head size
+    assert config == {**expected, "rope_axes_dim": [16, 56, 56], "rope_theta": 256.0, "image_condition_type": None}
+    back = official.official_to_diffusers(theirs)
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state.items()}
