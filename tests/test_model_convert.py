@@ -388,6 +388,11 @@ def test_diffusers_official_diffusers_is_bit_exact(tiny_guided_model, tmp_path):
     back = official.official_to_diffusers(theirs)
     assert back.keys() == source.keys() and all(torch.equal(back[k], v) for k, v in source.items())
 
+    from hvctl.models.convert import to_official
+
+    half = to_official(tiny_guided_model, tmp_path / "half", dtype="bfloat16")
+    assert {v.dtype for v in load_file(str(half / "transformer.safetensors")).values()} == {torch.bfloat16}
+
     # The same through the command and files: folder -> official safetensors -> folder.
     off, again = tmp_path / "official", tmp_path / "again"
     done = run_cli("model", "convert", tiny_guided_model, off, "--to", "official", "--json")
@@ -476,3 +481,8 @@ def test_the_13b_configuration_is_read_from_its_shapes():
     assert config == {**expected, "rope_axes_dim": [16, 56, 56], "rope_theta": 256.0, "image_condition_type": None}
     back = official.official_to_diffusers(theirs)
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state.items()}
+    # diffusers' own single-file conversion (its split sizes are fixed for 3072) reads our official names the same way.
+    from diffusers.loaders.single_file_utils import convert_hunyuan_video_transformer_to_diffusers
+
+    assert {k: v.shape for k, v in convert_hunyuan_video_transformer_to_diffusers(dict(theirs)).items()} == \
+        {k: v.shape for k, v in state.items()}
