@@ -18,7 +18,8 @@ API
 - `transformer_config(state_dict, defaults) -> dict`: the diffusers config of an official
   checkpoint, every size read from its shapes; `defaults` gives what shapes cannot say (rope
   axes, rope theta, the i2v design when the input is not 2C+1 channels).
-- `vae_config(state_dict, defaults)` and `official_vae_config(diffusers_config)`: the VAE. The
+- `strip_vae_prefix(state_dict)`, `vae_config(state_dict, defaults)`, and `diffusers_vae_config`
+  / `official_vae_config` (the config.json of one side from the other's): the VAE. The
   official 884-16c-hy VAE (`AutoencoderKLCausal3D`) uses diffusers' own parameter names, so its
   weights need no renaming (diffusers' conversion script renames nothing either); only a
   `vae.` prefix, if any, is dropped, and the config is translated.
