@@ -618,6 +618,44 @@ def model_compose(
     emit(info, as_json, f"wrote {path} ({info['parameters']:,} parameters)")
 
 
+@model_app.command("convert")
+def model_convert(
+    src: Path = typer.Argument(..., help="Official checkpoint (.pt or .safetensors, or a folder of them); with --to official, a model folder."),
+    out: Path = typer.Argument(..., help="New folder to write."),
+    to: str = typer.Option("diffusers", "--to", help="diffusers (a model folder) or official (official names, safetensors)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Model folder the other components (text encoders, tokenizers, scheduler, VAE unless --vae) are copied from."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="The official VAE (pytorch_model.pt or .safetensors; its config.json beside it is read)."),
+    load_key: Optional[str] = typer.Option(None, "--load-key", help="Which weights of a nested .pt: module or ema. Default: module, if nested."),
+    i2v: Optional[str] = typer.Option(None, "--i2v", help="The checkpoint is an image-to-video one: token_replace (16 channels) or latent_concat (found from 2C+1 channels)."),
+    dtype: Optional[str] = typer.Option(None, help="Store the converted weights as float32, bfloat16 or float16. Default: as they are."),
+    as_json: bool = JSON_OPTION,
+):
+    """Convert official HunyuanVideo checkpoints into a diffusers model folder, or a model folder into official names."""
+    from hvctl.models import convert
+
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise HvctlError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    if load_key not in (None, *convert.LOAD_KEYS):
+        raise HvctlError(f"--load-key {load_key}: choose {' or '.join(convert.LOAD_KEYS)}")
+    if to == "official":
+        for flag, value in (("--base", base), ("--vae", vae), ("--load-key", load_key), ("--i2v", i2v)):
+            if value is not None:
+                raise HvctlError(f"{flag}: only for --to diffusers")
+        path = convert.to_official(src, out, dtype=dtype)
+        files = sorted(p.name for p in path.iterdir())
+        emit({"path": str(path), "to": to, "files": files}, as_json, f"wrote {path} ({', '.join(files)})")
+        return
+    if to != "diffusers":
+        raise HvctlError(f"--to {to}: choose diffusers or official")
+    if base is None:
+        raise HvctlError("--base DIR: needed with --to diffusers, for the components an official checkpoint lacks")
+    from hvctl.models.info import describe
+
+    path = convert.to_diffusers(src, out, base=base, vae=vae, load_key=load_key, i2v=i2v, dtype=dtype)
+    info = describe(path)
+    emit({**info, "to": to}, as_json, f"wrote {path} ({info['parameters']:,} parameters)")
+
+
 @model_app.command("info")
 def model_info(path: Path = typer.Argument(..., help="Model folder."), as_json: bool = JSON_OPTION):
     """Components, parameter counts and key configuration of a model folder."""

@@ -10,7 +10,11 @@ from hvctl.errors import HvctlError
 
 def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None, dtype: str | None = None,
                   defaults: dict | None = None, i2v: str | None = None) -> Path:
-    """i2v: make the DiT an image-to-video one of that design (hvctl/conditioning.py)."""
+    """i2v: make the DiT an image-to-video one of that design (hvctl/conditioning.py).
+
+    A LLaVA text encoder (`--take text_encoder=` an official I2V folder) makes the folder one that
+    diffusers' HunyuanVideoImageToVideoPipeline loads: its tokenizer and image processor come
+    from the same folder unless taken from elsewhere, and model_index.json names that pipeline."""
     import torch
 
     from hvctl.models.loading import ModelFolder, load_component, quiet_libraries
@@ -18,17 +22,22 @@ def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None,
 
     quiet_libraries()
     folder = ModelFolder.open(base)
-    take = take or {}
+    take = dict(take or {})
     names = [n for n, entry in folder.index.items() if not n.startswith("_") and isinstance(entry, list) and entry[0]]
+    index = dict(folder.index)
+    if "text_encoder" in take and not folder.reads_images and _reads_images(take["text_encoder"]):
+        names, index = _with_llava(folder, take, index, names, i2v)
     unknown = sorted(set(take) - set(names))
     if unknown:
         raise HvctlError(f"--take {', '.join(unknown)}: {base} has no such component; it has {', '.join(names)}")
     components = {}
     for name in names:
         source = ModelFolder.open(take[name]) if name in take else folder
-        if source.component_class(name) != folder.component_class(name):
+        wanted = tuple(index[name] or source.component_class(name))  # a new component: as its source has it
+        if source.component_class(name) != wanted and not (name.startswith("tokenizer") and name in take):
             raise HvctlError(f"--take {name}={take[name]}: its {name} is {'.'.join(source.component_class(name))}, "
-                             f"the base's is {'.'.join(folder.component_class(name))}")
+                             f"the base's is {'.'.join(wanted)}")
+        index[name] = list(source.component_class(name))
         if name == "scheduler":
             from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -46,9 +55,28 @@ def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None,
     generation.update(defaults or {})
     extra = {k: v for k, v in folder.hvctl_info.items() if k not in ("generation", "weights", "hvctl_version")}
     extra["composed_from"] = {"base": str(base), **{k: str(v) for k, v in take.items()}, **({"i2v": i2v} if i2v else {})}
-    return write_model_folder(out, components, generation, meta=False, index=folder.index,
+    return write_model_folder(out, components, generation, meta=False, index=index,
                               dtype=getattr(torch, dtype) if dtype else None, extra=extra,
                               write_more=_avatar_writer(take.get("transformer", base), dtype))
+
+
+def _reads_images(path: Path) -> bool:
+    from hvctl.models.loading import ModelFolder
+
+    return ModelFolder.open(path).reads_images
+
+
+def _with_llava(folder, take: dict, index: dict, names: list[str], i2v: str | None):
+    """The components and index of a folder whose text encoder becomes a LLaVA: diffusers' I2V pipeline's."""
+    source = take["text_encoder"]
+    if i2v is None and folder.component_config("transformer").get("image_condition_type") is None:
+        raise HvctlError(f"--take text_encoder={source}: a LLaVA reads the prompt with an image; "
+                         "only for an image-to-video model (add --i2v token_replace or latent_concat)")
+    for name in ("tokenizer", "image_processor"):  # a LLaVA's tokenizer carries its <image> token
+        take.setdefault(name, source)
+    index = {**index, "_class_name": "HunyuanVideoImageToVideoPipeline",
+             "text_encoder": ["transformers", "LlavaForConditionalGeneration"], "image_processor": None}
+    return [*names, "image_processor"], index
 
 
 def _avatar_writer(transformer_source: Path, dtype: str | None):

@@ -258,7 +258,7 @@ def write_model_folder(out: Path, components: dict, generation: dict, *, meta: b
     try:
         for name, component in components.items():
             path = tmp / name
-            if name.startswith("tokenizer") or name == "scheduler":
+            if name.startswith("tokenizer") or name in ("scheduler", "image_processor"):
                 component.save_pretrained(path)
             elif meta:
                 path.mkdir()
