@@ -384,6 +384,7 @@ class AvatarRecipe(GenerateRecipe):
     else the pose video, else the expression features, else one window."""
 
     KIND: ClassVar[str] = "avatar"
+    LIMITS: ClassVar[dict] = {**GenerateRecipe.LIMITS, "window_overlap": ">= 0", "condition_guidance": ">= 1"}
     reference: Path | None = None
     audio: Path | None = None
     pose: Path | None = None

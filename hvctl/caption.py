@@ -22,6 +22,7 @@ from hvctl.errors import HvctlError
 @dataclass
 class CaptionRecipe:
     KIND: ClassVar[str] = "caption"
+    LIMITS: ClassVar[dict] = {"save_every": ">= 1"}
     manifest: Path | None = None
     out: Path | None = None  # the captioned manifest; None: the input manifest, updated in place
     captioner: str = "toy"  # a registered captioner (hvctl plugins list)

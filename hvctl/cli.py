@@ -659,6 +659,12 @@ def main() -> None:
     except HvctlError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(1)
+    except OSError as e:  # the environment, not hvctl: a full disk, a path under a file, ...
+        from hvctl.io import DISK_ERRNOS
+
+        culprit = f"{e.filename}: " if e.filename else ""
+        typer.secho(f"error: {culprit}{DISK_ERRNOS.get(e.errno) or e.strerror or e}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

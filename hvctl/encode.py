@@ -28,6 +28,8 @@ LOSS_MASK_FIELD = "loss_mask"  # a manifest field: an image or video, white wher
 @dataclass
 class EncodeRecipe:
     KIND: ClassVar[str] = "encode"
+    LIMITS: ClassVar[dict] = {"aspect_buckets": ">= 16", "frame_buckets": ">= 1", "caption_variants": ">= 1",
+                              "text_len": ">= 1", "vae_tile_size": ">= 16", "samples_per_shard": ">= 1"}
     manifest: Path | None = None
     model: Path | None = None  # None: the embedded default model
     out: Path | None = None  # the cache folder

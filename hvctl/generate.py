@@ -27,6 +27,10 @@ class GenerateRecipe:
     """An inference recipe. None means: the model's default."""
 
     KIND: ClassVar[str] = "generate"
+    LIMITS: ClassVar[dict] = {  # checked when the recipe is loaded (hvctl/recipe.py)
+        "height": ">= 16", "width": ">= 16", "frames": ">= 1", "steps": ">= 1", "seed": "[0, 9223372036854775807]",
+        "guidance_scale": ">= 1", "embedded_guidance": ">= 0", "flow_shift": "> 0", "text_len": ">= 1",
+        "num_videos": ">= 1", "fps": ">= 1", "vae_tile_size": ">= 16", "ulysses_degree": ">= 1", "ring_degree": ">= 1"}
     prompt: str | None = None
     negative_prompt: str | None = None
     model: Path | None = None  # None: the embedded default model

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from hvctl.errors import HvctlError
 
@@ -24,6 +25,7 @@ PREFIX = "transformer."
 
 @dataclass
 class LoraSettings:
+    LIMITS: ClassVar[dict] = {"rank": ">= 1", "alpha": "> 0", "dropout": "[0, 1)"}
     rank: int = 16
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0
