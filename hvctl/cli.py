@@ -356,8 +356,12 @@ def lora_convert(
     """Convert a LoRA file between diffusers' format and kohya's."""
     from hvctl.lora import from_kohya, read_lora, save_lora, to_kohya
 
+    from hvctl.io import check_not_input, check_output_file
+
     if to not in ("kohya", "diffusers"):
         raise HvctlError(f"--to {to}: choose kohya or diffusers")
+    check_output_file(out, "OUT")
+    check_not_input(out, [source], "OUT")
     weights = read_lora(source)
     is_kohya = any(k.startswith("lora_unet_") for k in weights)
     if to == "kohya":

@@ -36,7 +36,7 @@ import numpy as np
 
 from hvctl.data.manifest import ManifestRecord, iter_manifest, write_manifest
 from hvctl.errors import HvctlError
-from hvctl.io import atomic_output, write_text_atomic
+from hvctl.io import atomic_output, check_not_input, check_output_file, write_text_atomic
 from hvctl.plugins import SampleFailure, create
 from hvctl.progress import progress_bar
 from hvctl.toy.world import ASPECT_BUCKETS, DURATION_BUCKETS
@@ -124,6 +124,9 @@ def curate(r: CurateRecipe, *, progress: bool | None = None, on_problem=None) ->
     check_recipe(r)
     filters = make_filters(r.filters)
     out = Path(r.out)
+    check_output_file(out, "--out")
+    check_not_input(out, [r.input], "--out")
+    check_output_file(rejected_list_path(out), "--out")
     clips_dir = Path(r.clips_dir) if r.clips_dir is not None else out.parent / "clips"
     buckets = BucketConfig(aspect_buckets=[tuple(b) for b in r.aspect_buckets], frame_buckets=list(r.frame_buckets))
     started = time.perf_counter()

@@ -58,6 +58,9 @@ class DataConfig:
     frame_buckets: list[int] | None = None
     media: list[Literal["image", "video"]] = field(default_factory=lambda: ["image", "video"])  # what this stage trains on
     text_len: int | None = None  # None: the model's
+    # The cache records which VAE and text encoders made it; training refuses other encoders than
+    # the model's unless this says they are the same (e.g. a copy re-saved in another dtype).
+    accept_foreign_cache: bool = False
 
 
 @dataclass
