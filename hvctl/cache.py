@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hvctl.errors import HvctlError
-from hvctl.io import atomic_output, write_json_atomic
+from hvctl.io import atomic_output, disk_errors, write_json_atomic
 
 CACHE_FORMAT = "hvctl-cache/1"
 
@@ -198,16 +198,20 @@ class CacheLock:
     def __enter__(self):
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
+        with disk_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
             raise HvctlError(f"{self.path.parent}: another hvctl encode is working on this cache (lock {self.path.name})") from None
-        self.file.truncate(0)
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
+        try:  # the holder's pid, for people; the lock is the flock
+            self.file.truncate(0)
+            self.file.write(f"{os.getpid()}\n")
+            self.file.flush()
+        except OSError:
+            pass  # a full disk fails the first real write, with its path
         return self
 
     def __exit__(self, *exc):

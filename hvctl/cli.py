@@ -488,9 +488,16 @@ def eval_toy(
     from hvctl.rewrite import RewriteRecipe
     from hvctl.toy.evaluate import ToyEvalSettings, evaluate_toy
 
+    from hvctl.generate import GenerateRecipe
+    from hvctl.recipe import SEED_RANGE, check_number
+
     for name, value in (("prompts", prompts), ("batch-size", batch_size)):
         if value < 1:
             raise HvctlError(f"--{name} must be at least 1, got {value}")
+    check_number("--seed", seed, SEED_RANGE)
+    check_number("--audio-guidance", audio_guidance, ">= 1")
+    for name, value in (("--guidance-scale", guidance_scale), ("--embedded-guidance", embedded_guidance), ("--flow-shift", flow_shift)):
+        check_number(name, value, GenerateRecipe.LIMITS[name.strip("-").replace("-", "_")])
     if sum(map(bool, (i2v, rewrite, avatar))) > 1:
         raise HvctlError("--i2v, --rewrite and --avatar: choose one")
     if avatar:
@@ -573,7 +580,10 @@ def model_init(
     from hvctl.models.info import describe
     from hvctl.models.presets import get_preset, init_model
 
+    from hvctl.recipe import SEED_RANGE, check_number
+
     get_preset(preset)  # an unknown name fails before any import of torch
+    check_number("--seed", seed, SEED_RANGE)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise HvctlError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     path = init_model(preset, out, meta=meta, guidance_embeds=guidance_embeds, seed=seed, dtype=dtype)

@@ -56,7 +56,9 @@ def disk_errors(path, cleanup=None):
     try:
         yield
     except BaseException as e:
-        cause = disk_problem(path, e) if isinstance(e, Exception) and not isinstance(e, HvctlError) else None
+        # Not only Exceptions: torch's CheckpointException is a BaseException.
+        ours = isinstance(e, (HvctlError, KeyboardInterrupt, SystemExit, GeneratorExit))
+        cause = None if ours else disk_problem(path, e)
         if cleanup is not None:
             cleanup()
         if cause is not None:
