@@ -71,6 +71,7 @@ RECIPE_KINDS: dict[str, str] = {
 }
 
 _NO_FILE = "no recipe file"
+_COMMAND_LINE = "command line"
 _KeyPath = tuple  # keys from the top, list positions as ints: ("sampling", "steps")
 
 # A float written like `1e-5`: YAML 1.1 (PyYAML) wants a dot and a signed
@@ -99,7 +100,7 @@ def load_recipe(
         _merge(data, origins, _nest(keys, value), source)
     for key, value in (values or {}).items():
         if value is not None:
-            _merge(data, origins, _nest(tuple(key.split(".")), value), _Source("command line", None))
+            _merge(data, origins, _nest(tuple(key.split(".")), value), _Source(_COMMAND_LINE, None))
 
     builder = _Builder(origins, main)
     kind = data.pop("kind", None)
@@ -299,7 +300,13 @@ class _Builder:
             for key, item in value.items():
                 self.check_limit(item, spec, (*keys, key))
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and not within(value, spec):
-            raise self.fail(keys, f"'{_dotted(keys)}' must be {_limit_text(spec)}, got {_show(value)}")
+            raise self.bad_number(keys, f"must be {_limit_text(spec)}, got {_show(value)}")
+
+    def bad_number(self, keys: _KeyPath, problem: str) -> HvctlError:
+        """A value from a flag is named as the flag (keys and flags share names), others as file: 'key'."""
+        if self.source_of(keys).label == _COMMAND_LINE:
+            return HvctlError(f"--{_dotted(keys).replace('_', '-')} {problem}")
+        return self.fail(keys, f"'{_dotted(keys)}' {problem}")
 
     def convert(self, value: Any, tp: Any, keys: _KeyPath) -> Any:
         origin, args = get_origin(tp) or tp, get_args(tp)
@@ -340,7 +347,7 @@ class _Builder:
             elif isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
                 number = float(value)
             if number is not None and not math.isfinite(number):
-                raise self.fail(keys, f"'{_dotted(keys)}' must be a finite number, got {_show(value)}")
+                raise self.bad_number(keys, f"must be a finite number, got {_show(value)}")
             if number is not None:
                 return number
         elif tp is str:
@@ -406,6 +413,8 @@ SEED_RANGE = "[0, 9223372036854775807]"  # what torch and numpy generators take,
 
 def check_number(flag: str, value: float | None, spec: str) -> None:
     """A command-line number outside any recipe: one HvctlError naming the flag when out of range."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise HvctlError(f"{flag} must be a finite number, got {_show(value)}")
     if value is not None and not within(value, spec):
         raise HvctlError(f"{flag} must be {_limit_text(spec)}, got {_show(value)}")
 
