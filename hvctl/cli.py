@@ -354,9 +354,8 @@ def lora_convert(
     as_json: bool = JSON_OPTION,
 ):
     """Convert a LoRA file between diffusers' format and kohya's."""
-    from hvctl.lora import from_kohya, read_lora, save_lora, to_kohya
-
     from hvctl.io import check_not_input, check_output_file
+    from hvctl.lora import from_kohya, read_lora, save_lora, to_kohya
 
     if to not in ("kohya", "diffusers"):
         raise HvctlError(f"--to {to}: choose kohya or diffusers")
@@ -485,11 +484,10 @@ def eval_toy(
     as_json: bool = JSON_OPTION,
 ):
     """Generate the toy prompt set and measure, from pixels, what the videos show."""
-    from hvctl.rewrite import RewriteRecipe
-    from hvctl.toy.evaluate import ToyEvalSettings, evaluate_toy
-
     from hvctl.generate import GenerateRecipe
     from hvctl.recipe import SEED_RANGE, check_number
+    from hvctl.rewrite import RewriteRecipe
+    from hvctl.toy.evaluate import ToyEvalSettings, evaluate_toy
 
     for name, value in (("prompts", prompts), ("batch-size", batch_size)):
         if value < 1:
@@ -579,7 +577,6 @@ def model_init(
     """Write a new randomly initialised model folder in diffusers format."""
     from hvctl.models.info import describe
     from hvctl.models.presets import get_preset, init_model
-
     from hvctl.recipe import SEED_RANGE, check_number
 
     get_preset(preset)  # an unknown name fails before any import of torch
