@@ -44,7 +44,7 @@ def disk_problem(path, error: BaseException) -> str | None:
         return None
     if stat.f_flag & os.ST_RDONLY:
         return DISK_ERRNOS[errno.EROFS]
-    if stat.f_bavail == 0 or stat.f_favail == 0:
+    if stat.f_bavail == 0:
         return DISK_ERRNOS[errno.ENOSPC]
     return None
 
