@@ -384,6 +384,7 @@ class AvatarRecipe(GenerateRecipe):
     else the pose video, else the expression features, else one window."""
 
     KIND: ClassVar[str] = "avatar"
+    LIMITS: ClassVar[dict] = {**GenerateRecipe.LIMITS, "window_overlap": ">= 0", "condition_guidance": ">= 1"}
     reference: Path | None = None
     audio: Path | None = None
     pose: Path | None = None
@@ -480,6 +481,7 @@ def avatar(recipe: AvatarRecipe, *, progress: bool | None = None) -> dict:
     frames = recipe.frames or frames_for(recipe, fps, audio) or (config or {}).get("window", {}).get("frames")
     avatar_defaults = {**defaults, "guidance_scale": 1.0}  # the reference carries the look; the text barely matters
     r = resolve(replace(recipe, frames=frames, prompt=recipe.prompt or ""), avatar_defaults, prompt_required=False)
+    path = output_paths(replace(r, prompt=r.prompt or "avatar"))[0]  # checked before the model loads
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     r.model, r.device, r.dtype = model_dir, str(device), str(dtype).removeprefix("torch.")
     generator = AvatarGenerator(model_dir, r, device, dtype)
@@ -488,7 +490,6 @@ def avatar(recipe: AvatarRecipe, *, progress: bool | None = None) -> dict:
     if audio is not None:
         conditions["audio"] = generator.encode.audio(audio, r.fps, r.frames)
     inputs = batch_inputs([conditions], device)
-    path = output_paths(replace(r, prompt=r.prompt or "avatar"))[0]
     loaded = time.perf_counter()
     with progress_bar(r.steps, "avatar", enabled=progress) as advance:
         latents = generator.latents([r.seed], inputs, on_step=lambda _: advance())

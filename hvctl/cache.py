@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hvctl.errors import HvctlError
-from hvctl.io import atomic_output, write_json_atomic
+from hvctl.io import atomic_output, disk_errors, write_json_atomic
 
 CACHE_FORMAT = "hvctl-cache/1"
 
@@ -54,6 +54,9 @@ class CacheEntry:
     split: str | None = None
     conditions: tuple[str, ...] = ()  # avatar conditions cached with it: cond.{name}
     loss_mask: bool = False  # a loss mask is cached with it
+    # Fingerprints of the model parts that encoded it (encoder_identities); None in older caches.
+    vae: str | None = None
+    text_encoders: str | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> "CacheEntry":
@@ -94,6 +97,34 @@ class ShardWriter:
             save_file(tensors, str(tmp), metadata=metadata)
         self.written.append(path)
         self.pending = []
+
+
+TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def encoder_identities(model_dir: Path) -> dict[str, str]:
+    """What a cache entry records of the model that encoded it: its VAE's and its text encoders'
+    content fingerprints (a copied or hard-linked folder has the same)."""
+    import hashlib
+
+    from hvctl.models.loading import folder_fingerprint
+
+    model_dir = Path(model_dir)
+    text = [folder_fingerprint(model_dir / name) for name in TEXT_PARTS]
+    return {"vae": folder_fingerprint(model_dir / "vae"),
+            "text_encoders": "sha256:" + hashlib.sha256(json.dumps(text).encode()).hexdigest()}
+
+
+def check_cache_encoders(root: Path, entries: list[CacheEntry], model_dir: Path) -> None:
+    """Refuse to train on latents or text states from other encoders than the model's: the DiT
+    would learn another VAE's latent space without a word (data.accept_foreign_cache overrides)."""
+    mine = encoder_identities(model_dir)
+    for part, name in (("vae", "VAE"), ("text_encoders", "text encoders")):
+        foreign = [e for e in entries if getattr(e, part) is not None and getattr(e, part) != mine[part]]
+        if foreign:
+            raise HvctlError(f"data.cache {root}: {len(foreign)} of {len(entries)} samples were encoded by another {name} "
+                             f"than {model_dir}'s (e.g. {foreign[0].id}); encode with this model (hvctl encode "
+                             "--model), or set data.accept_foreign_cache: true if the encoders are the same")
 
 
 def read_shard_entries(path: Path) -> list[CacheEntry]:
@@ -167,16 +198,20 @@ class CacheLock:
     def __enter__(self):
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
+        with disk_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
             raise HvctlError(f"{self.path.parent}: another hvctl encode is working on this cache (lock {self.path.name})") from None
-        self.file.truncate(0)
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
+        try:  # the holder's pid, for people; the lock is the flock
+            self.file.truncate(0)
+            self.file.write(f"{os.getpid()}\n")
+            self.file.flush()
+        except OSError:
+            pass  # a full disk fails the first real write, with its path
         return self
 
     def __exit__(self, *exc):

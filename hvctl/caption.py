@@ -22,6 +22,7 @@ from hvctl.errors import HvctlError
 @dataclass
 class CaptionRecipe:
     KIND: ClassVar[str] = "caption"
+    LIMITS: ClassVar[dict] = {"save_every": ">= 1"}
     manifest: Path | None = None
     out: Path | None = None  # the captioned manifest; None: the input manifest, updated in place
     captioner: str = "toy"  # a registered captioner (hvctl plugins list)
@@ -46,6 +47,7 @@ def caption(r: CaptionRecipe, *, progress: bool | None = None, on_problem=None) 
     from hvctl import plugins
     from hvctl.data.captions import caption_problems
     from hvctl.data.manifest import read_manifest, write_manifest
+    from hvctl.io import check_output_file
     from hvctl.progress import progress_bar
 
     if r.manifest is None:
@@ -53,6 +55,7 @@ def caption(r: CaptionRecipe, *, progress: bool | None = None, on_problem=None) 
     if r.save_every < 1:
         raise HvctlError(f"save_every must be at least 1, got {r.save_every}")
     out = r.out or r.manifest
+    check_output_file(out, "--out")
     records = read_manifest(r.manifest)
     if out != r.manifest and out.exists():  # resume: captions a previous run already wrote
         done = {rec.id: rec for rec in read_manifest(out) if rec.caption is not None}

@@ -354,10 +354,13 @@ def lora_convert(
     as_json: bool = JSON_OPTION,
 ):
     """Convert a LoRA file between diffusers' format and kohya's."""
+    from hvctl.io import check_not_input, check_output_file
     from hvctl.lora import from_kohya, read_lora, save_lora, to_kohya
 
     if to not in ("kohya", "diffusers"):
         raise HvctlError(f"--to {to}: choose kohya or diffusers")
+    check_output_file(out, "OUT")
+    check_not_input(out, [source], "OUT")
     weights = read_lora(source)
     is_kohya = any(k.startswith("lora_unet_") for k in weights)
     if to == "kohya":
@@ -485,12 +488,18 @@ def eval_toy(
     as_json: bool = JSON_OPTION,
 ):
     """Generate the toy prompt set and measure, from pixels, what the videos show."""
+    from hvctl.generate import GenerateRecipe
+    from hvctl.recipe import SEED_RANGE, check_number
     from hvctl.rewrite import RewriteRecipe
     from hvctl.toy.evaluate import ToyEvalSettings, evaluate_toy
 
     for name, value in (("prompts", prompts), ("batch-size", batch_size)):
         if value < 1:
             raise HvctlError(f"--{name} must be at least 1, got {value}")
+    check_number("--seed", seed, SEED_RANGE)
+    check_number("--audio-guidance", audio_guidance, ">= 1")
+    for name, value in (("--guidance-scale", guidance_scale), ("--embedded-guidance", embedded_guidance), ("--flow-shift", flow_shift)):
+        check_number(name, value, GenerateRecipe.LIMITS[name.strip("-").replace("-", "_")])
     if sum(map(bool, (i2v, rewrite, avatar, vae_only))) > 1:
         raise HvctlError("--i2v, --rewrite, --avatar and --vae-only: choose one")
     if manifest is not None and (i2v or avatar):
@@ -577,9 +586,10 @@ def model_init(
     """Write a new randomly initialised model folder in diffusers format."""
     from hvctl.models.info import describe
     from hvctl.models.presets import get_preset, init_model
-    from hvctl.recipe import parse_overrides
+    from hvctl.recipe import SEED_RANGE, check_number, parse_overrides
 
     get_preset(preset)  # an unknown name fails before any import of torch
+    check_number("--seed", seed, SEED_RANGE)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise HvctlError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     path = init_model(preset, out, meta=meta, guidance_embeds=guidance_embeds, seed=seed, dtype=dtype,
@@ -707,6 +717,12 @@ def main() -> None:
         app()
     except HvctlError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+    except OSError as e:  # the environment, not hvctl: a full disk, a path under a file, ...
+        from hvctl.io import DISK_ERRNOS
+
+        culprit = f"{e.filename}: " if e.filename else ""
+        typer.secho(f"error: {culprit}{DISK_ERRNOS.get(e.errno) or e.strerror or e}", fg=typer.colors.RED, err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -36,7 +36,7 @@ import numpy as np
 
 from hvctl.data.manifest import ManifestRecord, iter_manifest, write_manifest
 from hvctl.errors import HvctlError
-from hvctl.io import atomic_output, write_text_atomic
+from hvctl.io import atomic_output, check_not_input, check_output_file, write_text_atomic
 from hvctl.plugins import SampleFailure, create
 from hvctl.progress import progress_bar
 from hvctl.toy.world import ASPECT_BUCKETS, DURATION_BUCKETS
@@ -48,6 +48,7 @@ BUILTIN_FILTERS = ("clarity", "motion", "text_area")  # run unless a recipe sets
 
 @dataclass
 class ShotRecipe:
+    LIMITS: ClassVar[dict] = {"threshold": "> 0", "min_frames": ">= 1"}
     detector: Literal["content", "adaptive"] = "content"  # PySceneDetect's ContentDetector or AdaptiveDetector
     threshold: float = 27.0  # content: the frame-to-frame change that is a cut; adaptive: its ratio to its neighbours'
     min_frames: int = 33  # shorter shots are dropped
@@ -55,6 +56,7 @@ class ShotRecipe:
 
 @dataclass
 class DedupRecipe:
+    LIMITS: ClassVar[dict] = {"threshold": "[-1, 1]", "frames": ">= 1", "size": ">= 1"}
     threshold: float | None = 0.98  # cosine similarity above which a clip repeats an earlier one; null: keep all
     frames: int = 4  # frames per embedding, evenly spaced
     size: int = 16  # side of each frame's thumbnail in the embedding
@@ -63,6 +65,8 @@ class DedupRecipe:
 @dataclass
 class CurateRecipe:
     KIND: ClassVar[str] = "curate"
+    LIMITS: ClassVar[dict] = {"aspect_buckets": ">= 16", "frame_buckets": ">= 1", "analysis_size": ">= 1",
+                              "analysis_frames": ">= 1", "crf": "[0, 51]"}
     input: Path | None = None  # a folder of videos and images, a manifest (.jsonl), or one media file
     out: Path | None = None  # the manifest of kept clips; the rejected list goes next to it
     clips_dir: Path | None = None  # None: clips/ next to the manifest
@@ -120,6 +124,9 @@ def curate(r: CurateRecipe, *, progress: bool | None = None, on_problem=None) ->
     check_recipe(r)
     filters = make_filters(r.filters)
     out = Path(r.out)
+    check_output_file(out, "--out")
+    check_not_input(out, [r.input], "--out")
+    check_output_file(rejected_list_path(out), "--out")
     clips_dir = Path(r.clips_dir) if r.clips_dir is not None else out.parent / "clips"
     buckets = BucketConfig(aspect_buckets=[tuple(b) for b in r.aspect_buckets], frame_buckets=list(r.frame_buckets))
     started = time.perf_counter()

@@ -28,6 +28,8 @@ LOSS_MASK_FIELD = "loss_mask"  # a manifest field: an image or video, white wher
 @dataclass
 class EncodeRecipe:
     KIND: ClassVar[str] = "encode"
+    LIMITS: ClassVar[dict] = {"aspect_buckets": ">= 16", "frame_buckets": ">= 1", "caption_variants": ">= 1",
+                              "text_len": ">= 1", "vae_tile_size": ">= 16", "samples_per_shard": ">= 1"}
     manifest: Path | None = None
     model: Path | None = None  # None: the embedded default model
     out: Path | None = None  # the cache folder
@@ -111,6 +113,9 @@ class Encoder:
         self.vae_id = _hash([folder_fingerprint(model_dir / "vae"), r.vae_tiling, r.vae_tile_size, r.vae_tile_stats, r.storage_dtype])
         self.text_id = _hash([folder_fingerprint(model_dir / n) for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")]
                              + [text_len, r.storage_dtype])
+        from hvctl.cache import encoder_identities
+
+        self.identities = encoder_identities(model_dir)  # recorded in every entry; training checks them
 
     def condition_encoder(self):
         """The avatar conditions' encoder (built on first use: the audio encoder may be a Whisper)."""
@@ -195,6 +200,7 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
     from hvctl.data.captions import caption_variants
     from hvctl.data.manifest import iter_manifest
     from hvctl.generate import prepare_model
+    from hvctl.io import check_output_dir
     from hvctl.progress import progress_bar
     from hvctl.video import read_image, read_video
 
@@ -209,6 +215,7 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
         raise HvctlError(f"aspect_buckets must be multiples of 16, got {r.aspect_buckets}")
     shard = parse_shard(r.shard)
     manifest = Path(r.manifest)
+    check_output_dir(r.out, "--out")
     failures: list[dict] = []
 
     def fail(sample_id, path, reason):
@@ -221,6 +228,9 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
 
     # A bad manifest line's error reads "{manifest}:{line}: {reason}".
     records = list(iter_manifest(manifest, on_error=lambda e: fail(None, *str(e).partition(": ")[::2])))
+    if not records and not failures:
+        raise HvctlError(f"{manifest}: no samples to encode (the manifest is empty)")
+    all_records = len(records)
     records = [rec for rec in records if in_shard(rec.id, shard)]
     model_dir, defaults = prepare_model(r.model)
     text_len = r.text_len or defaults["text_len"]
@@ -298,13 +308,17 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
                     tensors.update(encoder.encode_texts(texts, "image" if rec.kind == "image" else "video"))
                     entry = {"key": key, "id": rec.id, "kind": rec.kind, "bucket": list(bucket),
                              "text_variants": len(texts), "split": rec.split, "conditions": sorted(conditions),
-                             "loss_mask": mask_path is not None}
+                             "loss_mask": mask_path is not None, **encoder.identities}
                     writer.add(entry, tensors)
                     latest[rec.id] = key
                     encoded += 1
         finally:
             writer.flush()  # what was encoded before an error is kept
         entries = write_index(cache)
+    if encoded + skipped == 0 and failures:  # a run that encoded nothing is no success
+        first = failures[0]
+        raise HvctlError(f"{manifest}: nothing encoded: {len(failures)} of {all_records + sum(f['id'] is None for f in failures)} "
+                         f"samples failed (first: {first['path']}: {first['reason']})")
     return {
         "cache": str(cache), "shard": r.shard, "samples": len(records), "encoded": encoded,
         "skipped_cached": skipped, "failed": failures, "entries": len(latest_by_id(entries)),

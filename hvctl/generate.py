@@ -27,6 +27,10 @@ class GenerateRecipe:
     """An inference recipe. None means: the model's default."""
 
     KIND: ClassVar[str] = "generate"
+    LIMITS: ClassVar[dict] = {  # checked when the recipe is loaded (hvctl/recipe.py)
+        "height": ">= 16", "width": ">= 16", "frames": ">= 1", "steps": ">= 1", "seed": "[0, 9223372036854775807]",
+        "guidance_scale": ">= 1", "embedded_guidance": ">= 0", "flow_shift": "> 0", "text_len": ">= 1",
+        "num_videos": ">= 1", "fps": ">= 1", "vae_tile_size": ">= 16", "ulysses_degree": ">= 1", "ring_degree": ">= 1"}
     prompt: str | None = None
     negative_prompt: str | None = None
     model: Path | None = None  # None: the embedded default model
@@ -61,8 +65,13 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
     filled = {f.name: (getattr(recipe, f.name) if getattr(recipe, f.name) is not None else defaults.get(f.name))
               for f in fields(recipe)}
     r = replace(recipe, **filled)
-    if not r.prompt and prompt_required:
+    if not (r.prompt or "").strip() and prompt_required:
         raise HvctlError("no prompt given (pass PROMPT or set 'prompt' in the recipe)")
+    if r.lora:
+        from hvctl.lora import check_lora_spec
+
+        for spec in r.lora:  # before any model loads
+            check_lora_spec(spec)
     if r.frames < 1 or (r.frames - 1) % 4:
         raise HvctlError(f"--frames must be 4k+1 (1, 5, 9, 13, 17, ...), got {r.frames}")
     for name in ("height", "width"):
@@ -91,16 +100,22 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
 
 
 def output_paths(r: GenerateRecipe) -> list[Path]:
+    """The videos' paths, each checked writable (with its sidecar) before any work starts."""
+    from hvctl.io import check_output_file
+
     if r.output is not None:
         out = Path(r.output)
         if out.suffix.lower() != ".mp4":
             raise HvctlError(f"--output {out}: must end in .mp4")
-        if r.num_videos == 1:
-            return [out]
-        return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(r.num_videos)]
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", r.prompt).strip("_")[:100] or "video"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return [Path("hvctl-outputs") / f"{stamp}_seed{r.seed + i}_{slug}.mp4" for i in range(r.num_videos)]
+        paths = [out] if r.num_videos == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(r.num_videos)]
+    else:
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", r.prompt).strip("_")[:100] or "video"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        paths = [Path("hvctl-outputs") / f"{stamp}_seed{r.seed + i}_{slug}.mp4" for i in range(r.num_videos)]
+    for path in paths:
+        check_output_file(path, "--output")
+        check_output_file(path.with_suffix(".json"), "--output")
+    return paths
 
 
 def resolve_device_dtype(device: str, dtype: str):
@@ -266,6 +281,8 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
         device, r.seed = parallel.device, parallel.agree(r.seed)  # a random seed: rank 0's
     paths = output_paths(r)
     t2v = TextToVideo(model_dir, r, device, dtype)
+    if on_warning and (n := t2v.encode.prompt_tokens(r.prompt)) > r.text_len:
+        on_warning(f"the prompt is {n} tokens long; only the first {r.text_len} are used (--text-len)")
     if parallel is not None:
         parallel.apply(t2v.parts.transformer)
     main = parallel is None or parallel.ranks.is_main

@@ -10,9 +10,11 @@ read, is a renaming of the same tensors.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from hvctl.errors import HvctlError
 
@@ -24,6 +26,7 @@ PREFIX = "transformer."
 
 @dataclass
 class LoraSettings:
+    LIMITS: ClassVar[dict] = {"rank": ">= 1", "alpha": "> 0", "dropout": "[0, 1)"}
     rank: int = 16
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0
@@ -79,11 +82,24 @@ def read_lora(path: Path) -> dict:
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """FILE or FILE:SCALE."""
+    """FILE or FILE:SCALE; a scale that is not a finite number is an error (a file named so is kept whole)."""
     path, sep, scale = spec.rpartition(":")
-    if sep and path and re.fullmatch(r"[-+]?\d+(\.\d*)?|[-+]?\.\d+", scale):
-        return Path(path), float(scale)
-    return Path(spec), 1.0
+    if not sep or not path or Path(spec).is_file() or "/" in scale:
+        return Path(spec), 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        raise HvctlError(f"--lora {spec}: scale {scale!r} is not a number (give FILE or FILE:SCALE)") from None
+    if not math.isfinite(value):
+        raise HvctlError(f"--lora {spec}: scale must be a finite number, got {scale}")
+    return Path(path), value
+
+
+def check_lora_spec(spec: str) -> None:
+    """A --lora spec names an existing file and a good scale: checked before any model loads."""
+    path, _ = parse_lora_spec(spec)
+    if not path.is_file():
+        raise HvctlError(f"--lora {path}: no such LoRA file")
 
 
 def load_loras(transformer, specs: list[tuple[Path, float]]) -> None:

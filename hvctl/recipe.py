@@ -29,6 +29,10 @@ set it; one from `--set`, from `values` or a schema default against the current
 directory. `~` is expanded. Loaded paths are therefore absolute, so a recipe
 dumped with `recipe_to_dict` loads back the same from anywhere.
 
+Numbers: a float must be finite (no .nan, .inf). A schema states the range of its numbers
+in a `LIMITS` class variable, {field: ">= 1" | "> 0" | "[0, 1)" | ...}, checked at load time
+(on every item of a list); None values are not checked.
+
 Every problem raises HvctlError with one line naming the file (or the `--set`)
 and the dotted key, e.g. `recipes/x.yaml: 'sampling.steps' must be an int, got str 'ten'`.
 """
@@ -39,6 +43,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import math
 import os
 import re
 import types
@@ -66,6 +71,7 @@ RECIPE_KINDS: dict[str, str] = {
 }
 
 _NO_FILE = "no recipe file"
+_COMMAND_LINE = "command line"
 _KeyPath = tuple  # keys from the top, list positions as ints: ("sampling", "steps")
 
 # A float written like `1e-5`: YAML 1.1 (PyYAML) wants a dot and a signed
@@ -94,7 +100,7 @@ def load_recipe(
         _merge(data, origins, _nest(keys, value), source)
     for key, value in (values or {}).items():
         if value is not None:
-            _merge(data, origins, _nest(tuple(key.split(".")), value), _Source("command line", None))
+            _merge(data, origins, _nest(tuple(key.split(".")), value), _Source(_COMMAND_LINE, None))
 
     builder = _Builder(origins, main)
     kind = data.pop("kind", None)
@@ -295,7 +301,26 @@ class _Builder:
                 kwargs[name] = self.build(tp, {}, (*keys, name))
             elif isinstance(field.default, PurePath):
                 kwargs[name] = _absolute(Path(field.default), None)  # so dumps reload the same anywhere
+        for name, spec in getattr(cls, "LIMITS", {}).items():
+            if name in kwargs:
+                self.check_limit(kwargs[name], spec, (*keys, name))
         return cls(**kwargs)
+
+    def check_limit(self, value: Any, spec: str, keys: _KeyPath) -> None:
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                self.check_limit(item, spec, (*keys, i))
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                self.check_limit(item, spec, (*keys, key))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not within(value, spec):
+            raise self.bad_number(keys, f"must be {_limit_text(spec)}, got {_show(value)}")
+
+    def bad_number(self, keys: _KeyPath, problem: str) -> HvctlError:
+        """A value from a flag is named as the flag (keys and flags share names), others as file: 'key'."""
+        if self.source_of(keys).label == _COMMAND_LINE:
+            return HvctlError(f"--{_dotted(keys).replace('_', '-')} {problem}")
+        return self.fail(keys, f"'{_dotted(keys)}' {problem}")
 
     def convert(self, value: Any, tp: Any, keys: _KeyPath) -> Any:
         origin, args = get_origin(tp) or tp, get_args(tp)
@@ -330,10 +355,15 @@ class _Builder:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
         elif tp is float:
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-                return float(value)
+                number = float(value)
+            elif isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+                number = float(value)
+            if number is not None and not math.isfinite(number):
+                raise self.bad_number(keys, f"must be a finite number, got {_show(value)}")
+            if number is not None:
+                return number
         elif tp is str:
             if isinstance(value, str):
                 return value
@@ -368,6 +398,47 @@ class _Builder:
 def _absolute(path: Path, base_dir: Path | None) -> Path:
     path = path.expanduser()
     return Path(os.path.abspath(base_dir / path if base_dir is not None else path))
+
+
+# --- number ranges (LIMITS) -------------------------------------------------
+
+_BOUND = re.compile(r"(>=|>|<=|<)\s*(\S+)")
+_INTERVAL = re.compile(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])")
+
+
+def within(value: float, spec: str) -> bool:
+    """Whether a finite number satisfies a LIMITS spec: ">= 1", "> 0", "< 1", "[0, 1)", "(0, 1]", ..."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if match := _BOUND.fullmatch(spec.strip()):
+        op, bound = match.group(1), _number(match.group(2))
+        return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op]
+    match = _INTERVAL.fullmatch(spec.strip())
+    if match is None:
+        raise ValueError(f"bad LIMITS spec {spec!r}")
+    low, high = _number(match.group(2)), _number(match.group(3))
+    above = value >= low if match.group(1) == "[" else value > low
+    below = value <= high if match.group(4) == "]" else value < high
+    return above and below
+
+
+SEED_RANGE = "[0, 9223372036854775807]"  # what torch and numpy generators take, with room for seed + i
+
+
+def check_number(flag: str, value: float | None, spec: str) -> None:
+    """A command-line number outside any recipe: one HvctlError naming the flag when out of range."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise HvctlError(f"{flag} must be a finite number, got {_show(value)}")
+    if value is not None and not within(value, spec):
+        raise HvctlError(f"{flag} must be {_limit_text(spec)}, got {_show(value)}")
+
+
+def _number(text: str) -> float:
+    return int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
+
+
+def _limit_text(spec: str) -> str:
+    return f"in {spec.strip()}" if spec.strip()[0] in "[(" else spec.strip()
 
 
 # --- plain data and messages -------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from hvctl.conditioning import ImageCondition
+from hvctl.errors import HvctlError
 from hvctl.flow import euler_step, sampling_sigmas, timestep_from_sigma
 from hvctl.models.text import TextConditions
 
@@ -69,6 +70,9 @@ class FlowMatchEulerSampler:
             latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
             if image is not None:
                 latents = image.after_step(latents)
+            if not torch.isfinite(latents).all():  # else NaN decodes to a black video and exits 0
+                raise HvctlError(f"sampling step {i + 1}/{self.steps}: the latents are not finite (NaN or inf); "
+                                 f"check the flow shift ({self.shift}), the guidance scale and the model's weights")
             if on_step is not None:
                 on_step(i + 1)
         return latents

@@ -18,8 +18,9 @@ def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None,
     import torch
 
     from hvctl.models.loading import ModelFolder, load_component, quiet_libraries
-    from hvctl.models.presets import write_model_folder
+    from hvctl.models.presets import check_new_model_folder, write_model_folder
 
+    check_new_model_folder(out)
     quiet_libraries()
     folder = ModelFolder.open(base)
     take = dict(take or {})

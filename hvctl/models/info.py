@@ -8,6 +8,7 @@ import struct
 from math import prod
 from pathlib import Path
 
+from hvctl.errors import HvctlError
 from hvctl.models.loading import WEIGHTED, ModelFolder
 
 KEY_CONFIG = {
@@ -25,10 +26,11 @@ KEY_CONFIG = {
 def safetensors_parameter_count(folder: Path) -> tuple[int, dict[str, int]]:
     """Parameters and their count per dtype, from the headers of every .safetensors file in a folder."""
     total, by_dtype = 0, {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise HvctlError(f"{folder}: no .safetensors weights (the folder says it has weights)")
+    for file in files:
+        header = safetensors_header(file)
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -36,6 +38,26 @@ def safetensors_parameter_count(folder: Path) -> tuple[int, dict[str, int]]:
             total += n
             by_dtype[entry["dtype"]] = by_dtype.get(entry["dtype"], 0) + n
     return total, by_dtype
+
+
+def safetensors_header(file: Path) -> dict:
+    """A safetensors file's header, checked against the file's size: a truncated or padded file
+    (an interrupted copy or download) is an error here, not a crash at load time."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if 8 + header_len > size:
+                raise ValueError(f"its header claims {header_len} bytes")
+            header = json.loads(f.read(header_len))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+        raise HvctlError(f"{file}: not a valid safetensors file ({size} bytes; {e})") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if expected != size:
+        raise HvctlError(f"{file}: {'truncated' if size < expected else 'has trailing bytes'}: the header describes "
+                         f"{expected} bytes, the file has {size}")
+    return header
 
 
 def meta_parameter_count(folder: ModelFolder, name: str) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hvctl import __version__
 from hvctl.errors import HvctlError
+from hvctl.io import check_output_dir, disk_errors
 
 MODEL_INDEX = {
     "_class_name": "HunyuanVideoPipeline",
@@ -249,13 +250,11 @@ def write_model_folder(out: Path, components: dict, generation: dict, *, meta: b
                        index: dict | None = None, write_more=None):
     """Write components as a diffusers model folder: into a temporary folder, then renamed.
     write_more(folder): writes anything else the folder holds (an avatar model's conditioners)."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise HvctlError(f"{out}: exists and is not empty; choose a new folder")
+    out = check_new_model_folder(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with disk_errors(out, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        tmp.mkdir(parents=True)
         for name, component in components.items():
             path = tmp / name
             if name.startswith("tokenizer") or name in ("scheduler", "image_processor"):
@@ -277,9 +276,14 @@ def write_model_folder(out: Path, components: dict, generation: dict, *, meta: b
         if out.exists():
             out.rmdir()
         tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out
+
+
+def check_new_model_folder(out: Path) -> Path:
+    """A model folder output: new or empty, writable; checked before any component is built."""
+    out = check_output_dir(out, "OUT")
+    if out.exists() and any(out.iterdir()):
+        raise HvctlError(f"{out}: exists and is not empty; choose a new folder")
     return out
 
 
@@ -293,6 +297,7 @@ def init_model(preset_name: str, out: Path, *, meta: bool = False, guidance_embe
 
     quiet_libraries()
     preset = with_overrides(get_preset(preset_name), overrides)
+    check_new_model_folder(out)
     components = build_components(preset, meta=meta, guidance_embeds=guidance_embeds, seed=seed)
     generation = dict(preset.generation)
     if components["transformer"].config.guidance_embeds and generation["embedded_guidance"] is None:

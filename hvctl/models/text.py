@@ -59,6 +59,10 @@ class PromptEncoder:
             pooled=self.pooled(prompts),
         )
 
+    def prompt_tokens(self, prompt: str) -> int:
+        """The prompt's length in LLM tokens after the template's prefix, before truncation to text_len."""
+        return len(self.tokenizer(self.template.template.format(prompt))["input_ids"]) - self.crop_start
+
     def llm_inputs(self, prompts: list[str]):
         return self.tokenizer(
             [self.template.template.format(p) for p in prompts], max_length=self.crop_start + self.text_len,

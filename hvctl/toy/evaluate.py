@@ -112,6 +112,10 @@ def vae_scores(vae, n: int, seed: int, height: int, width: int, frames: int) -> 
 
 def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
     from hvctl.generate import GenerateRecipe
+    from hvctl.io import check_output_dir
+
+    if s.out is not None:
+        check_output_dir(s.out, "--out")
 
     if s.avatar:
         return evaluate_avatar(s, progress)

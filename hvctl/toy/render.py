@@ -8,7 +8,8 @@ import numpy as np
 
 from hvctl.data.manifest import ManifestRecord, write_manifest
 from hvctl.errors import HvctlError
-from hvctl.io import atomic_output
+from hvctl.io import atomic_output, check_output_dir
+from hvctl.recipe import SEED_RANGE, check_number
 from hvctl.toy.world import AUDIO_RATE, FPS, avatar_modes, avatar_spec, object_mask, render, sample_spec
 from hvctl.video import write_image, write_video, write_wav
 
@@ -23,7 +24,8 @@ def render_dataset(out_dir, videos, images, seed, split, sizes=None, frames=None
     manifest field `loss_mask` (what `hvctl encode` caches for a masked training loss).
     Returns the manifest's path.
     """
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, "OUT")
+    check_number("--seed", seed, SEED_RANGE)
     if videos < 0 or images < 0 or videos + images == 0:
         raise HvctlError(f"toy dataset {out_dir}: need some samples, got {videos} videos and {images} images")
     for size in sizes or ():  # checked up front: a bad size fails before anything is written
@@ -70,7 +72,8 @@ def render_avatar_dataset(out_dir, count, seed, split, modes, frames=17, size=(6
     dict; AvatarSample.from_dict reads it back). loss_masks: also masks/ID.mp4, as render_dataset
     writes them. Returns the manifest's path.
     """
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, "OUT")
+    check_number("--seed", seed, SEED_RANGE)
     if count < 1:
         raise HvctlError(f"toy avatar dataset {out_dir}: need some samples, got {count}")
     modes = avatar_modes(modes)

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hvctl.errors import HvctlError
+from hvctl.io import disk_errors
 
 PREFIX = "step-"
 
@@ -71,11 +72,12 @@ def save_checkpoint(run: Path, step: int, *, ranks, tensors: dict, write_main, k
 
     final = checkpoint_dir(run) / f"{PREFIX}{step:08d}"
     tmp = final.with_name(f".{final.name}.tmp")  # one name that every rank (and node) agrees on
-    if ranks.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "state").mkdir(parents=True)
-    barrier(ranks)
-    try:
+    cleanup = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if ranks.is_main else None
+    with disk_errors(final, cleanup=cleanup):  # a full disk: one error line, no partial checkpoint left
+        if ranks.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "state").mkdir(parents=True)
+        barrier(ranks)
         with warnings.catch_warnings():  # one process: DCP warns that it is one process
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / "state" / "sharded"),
@@ -84,10 +86,6 @@ def save_checkpoint(run: Path, step: int, *, ranks, tensors: dict, write_main, k
         if ranks.is_main:
             write_main(tmp)
         barrier(ranks)
-    except BaseException:
-        if ranks.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if ranks.is_main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

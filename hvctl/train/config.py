@@ -12,6 +12,8 @@ from hvctl.lora import LoraSettings
 
 @dataclass
 class OptimConfig:
+    LIMITS: ClassVar[dict] = {"lr": "> 0", "betas": "[0, 1)", "weight_decay": ">= 0", "eps": "> 0", "warmup_steps": ">= 0",
+                              "min_lr_ratio": "[0, 1]", "schedule_steps": ">= 1", "grad_clip": "> 0", "grad_accumulation": ">= 1"}
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -26,6 +28,7 @@ class OptimConfig:
 
 @dataclass
 class FlowConfig:
+    LIMITS: ClassVar[dict] = {"shift": "> 0", "logit_std": "> 0", "guidance": ">= 0", "unmasked_weight": "[0, 1]"}
     timestep_sampling: Literal["uniform", "logit_normal", "shifted"] = "logit_normal"
     shift: float = 7.0  # for "shifted"
     logit_mean: float = 0.0
@@ -40,6 +43,8 @@ class FlowConfig:
 
 @dataclass
 class DataConfig:
+    LIMITS: ClassVar[dict] = {"batch_size": ">= 1", "image_ratio": "[0, 1]", "empty_prompt_rate": "[0, 1]",
+                              "caption_variants": ">= 1", "aspect_buckets": ">= 16", "frame_buckets": ">= 1", "text_len": ">= 1"}
     cache: Path | None = None  # an `hvctl encode` cache; None: encode `manifest` first
     manifest: Path | None = None  # limits training to its samples; needed without a cache and for VAE runs
     split: str | None = "train"
@@ -53,10 +58,15 @@ class DataConfig:
     frame_buckets: list[int] | None = None
     media: list[Literal["image", "video"]] = field(default_factory=lambda: ["image", "video"])  # what this stage trains on
     text_len: int | None = None  # None: the model's
+    # The cache records which VAE and text encoders made it; training refuses other encoders than
+    # the model's unless this says they are the same (e.g. a copy re-saved in another dtype).
+    accept_foreign_cache: bool = False
 
 
 @dataclass
 class VaeLossConfig:
+    LIMITS: ClassVar[dict] = {"kl_weight": ">= 0", "mse_weight": ">= 0", "lpips_weight": ">= 0", "adversarial_weight": ">= 0",
+                              "adversarial_start": ">= 0", "discriminator_lr": "> 0", "random_tiling": "[0, 1]", "tile_sizes": ">= 1"}
     kl_weight: float = 1e-6
     mse_weight: float = 0.0  # squared error beside the official L1
     lpips_weight: float = 0.0  # official 0.1; needs local LPIPS weights (lpips_weights)
@@ -73,6 +83,7 @@ class ParallelConfig:
     """How the model is spread over the processes (hvctl/parallel.py); data parallelism takes the
     processes these leave. Each needs its product to divide the process count."""
 
+    LIMITS: ClassVar[dict] = {"fsdp": ">= 1", "ulysses": ">= 1", "ring": ">= 1", "activation_checkpointing": ">= 0"}
     fsdp: int = 1  # shard parameters, gradients and optimizer state over this many ranks (FSDP2)
     ulysses: int = 1  # sequence parallelism (DiT): all-to-all from sequence shards to head shards
     ring: int = 1  # sequence parallelism (DiT): key/value blocks passed around a ring
@@ -90,6 +101,7 @@ class AvatarSettings:
     The manifest names each sample's conditions (reference, audio, pose, expression, audio_mask
     paths); hvctl encode caches them. A model that already has conditioners keeps them."""
 
+    LIMITS: ClassVar[dict] = {"drop": "[0, 1]", "window_overlap": ">= 0"}
     conditions: list[Literal["reference", "audio", "pose", "expression"]] = field(default_factory=lambda: ["reference", "audio"])
     options: dict[str, dict] = field(default_factory=dict)  # per conditioner: {audio: {blocks: [0, 1]}, expression: {every: 2}}
     audio_encoder: str = "logmel"  # a registered audio encoder (hvctl plugins list --kind audio_encoder)
@@ -102,12 +114,14 @@ class AvatarSettings:
 
 @dataclass
 class CheckpointConfig:
+    LIMITS: ClassVar[dict] = {"every": ">= 1", "keep_last": ">= 1"}
     every: int = 500
     keep_last: int = 3
 
 
 @dataclass
 class ValidationConfig:
+    LIMITS: ClassVar[dict] = {"every": ">= 0", "steps": ">= 1", "seed": "[0, 9223372036854775807]", "guidance_scale": ">= 1"}
     every: int = 0  # 0: never
     prompts: list[str] = field(default_factory=list)
     steps: int = 20
@@ -118,6 +132,8 @@ class ValidationConfig:
 @dataclass
 class TrainRecipe:
     KIND: ClassVar[str] = "train"
+    LIMITS: ClassVar[dict] = {"steps": ">= 1", "seed": "[0, 9223372036854775807]", "ema_decay": "[0, 1)", "nproc": ">= 1",
+                              "max_restarts": ">= 0", "log_every": ">= 1"}
     target: Literal["dit", "vae"] = "dit"
     model: Path | None = None  # the starting model folder (a previous stage's output)
     init_preset: str | None = None  # or a new model from a preset (`hvctl model init`)
@@ -160,6 +176,7 @@ class DistillRecipe(TrainRecipe):
     guided velocity in one pass. Every other key is the trainer's (checkpoints, resume, parallel)."""
 
     KIND: ClassVar[str] = "distill"
+    LIMITS: ClassVar[dict] = {**TrainRecipe.LIMITS, "guidance_range": ">= 1", "student_guidance": ">= 0"}
     teacher: Path | None = None  # a model folder whose DiT has no guidance embedding
     guidance_range: tuple[float, float] = (1.0, 8.0)  # the scale w, drawn uniformly per sample
     guidance_embedder_init: Literal["zero", "random"] = "zero"  # zero: the student starts as the teacher's conditional pass

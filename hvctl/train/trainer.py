@@ -55,6 +55,7 @@ class EMA:
 class Trainer:
     def __init__(self, r: TrainRecipe, *, progress: bool | None = None):
         from hvctl.generate import resolve_device_dtype
+        from hvctl.io import check_output_dir
         from hvctl.models.loading import load_component, ModelFolder, quiet_libraries
         from hvctl.parallel import data_rank, init_distributed, parallelize
 
@@ -62,7 +63,7 @@ class Trainer:
         if r.out is None:
             raise HvctlError("train needs an output folder ('out' in the recipe or --out)")
         self.r = r
-        self.run = Path(r.out)
+        self.run = check_output_dir(r.out, "out")
         self.run.mkdir(parents=True, exist_ok=True)
         self.device, _ = resolve_device_dtype(r.device, "float32")
         self.ranks = init_distributed(self.device.type)
@@ -231,6 +232,10 @@ class Trainer:
             dataset = LatentCache(cache, text_len=text_len, split=d.split, ids=ids)
             if not len(dataset):
                 raise HvctlError(f"{cache}: no cached samples" + (f" in split {d.split}" if d.split else ""))
+            if not d.accept_foreign_cache:
+                from hvctl.cache import check_cache_encoders
+
+                check_cache_encoders(cache, dataset.entries, self.base_model)
             if self.r.flow.unmasked_weight != 1 and not any(e.loss_mask for e in dataset.entries):
                 raise HvctlError(f"flow.unmasked_weight {self.r.flow.unmasked_weight} needs loss masks, and {cache} has none "
                                  "(set each manifest record's loss_mask, then run hvctl encode again)")
@@ -362,7 +367,7 @@ class Trainer:
         from hvctl.progress import progress_bar
 
         r = self.r
-        metrics = MetricsLog(self.run, r.tensorboard) if self.ranks.is_main else None
+        metrics = MetricsLog(self.run, r.tensorboard, resume_step=self.step) if self.ranks.is_main else None
         started, start_step = time.perf_counter(), self.step
         samples_per_step = r.data.batch_size * r.optim.grad_accumulation * self.data_count
         last_logs: dict = {}
@@ -491,23 +496,26 @@ class Trainer:
         """RUN/model: the last checkpoint's model folder, the run's result."""
         import shutil
 
+        from hvctl.io import disk_errors
+
         latest = self.latest_checkpoint()
         final = self.run / "model"
         tmp = self.run / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(latest / "model", tmp)
-        if self.r.target == "vae" and self.r.calibrate_scaling_factor:
-            from hvctl.io import write_json_atomic
+        with disk_errors(final, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            shutil.copytree(latest / "model", tmp)
+            if self.r.target == "vae" and self.r.calibrate_scaling_factor:
+                from hvctl.io import write_json_atomic
 
-            config_file = tmp / "vae" / "config.json"
-            config = json.loads(config_file.read_text())
-            config["scaling_factor"] = self.latent_scaling_factor(tmp)
-            write_json_atomic(config_file, config)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        if (latest / "lora").is_dir():
-            shutil.rmtree(self.run / "lora", ignore_errors=True)
-            shutil.copytree(latest / "lora", self.run / "lora")
+                config_file = tmp / "vae" / "config.json"
+                config = json.loads(config_file.read_text())
+                config["scaling_factor"] = self.latent_scaling_factor(tmp)
+                write_json_atomic(config_file, config)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            if (latest / "lora").is_dir():
+                shutil.rmtree(self.run / "lora", ignore_errors=True)
+                shutil.copytree(latest / "lora", self.run / "lora")
         return final
 
     @torch.no_grad()
@@ -538,8 +546,16 @@ class Trainer:
 class MetricsLog:
     """Metrics as JSON lines (RUN/metrics.jsonl) and, when installed, TensorBoard (RUN/tensorboard)."""
 
-    def __init__(self, run: Path, tensorboard: bool):
-        self.file = open(run / "metrics.jsonl", "a")
+    def __init__(self, run: Path, tensorboard: bool, resume_step: int = 0):
+        path = run / "metrics.jsonl"
+        if path.is_file():  # rows past the checkpoint resumed from are replayed: drop them, not log them twice
+            from hvctl.io import write_text_atomic
+
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if _metrics_step(line) <= resume_step]
+            if len(kept) != len(lines):
+                write_text_atomic(path, "".join(kept))
+        self.file = open(path, "a")
         self.tb = None
         if tensorboard:
             try:
@@ -550,8 +566,11 @@ class MetricsLog:
                 pass
 
     def write(self, step: int, logs: dict) -> None:
-        self.file.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
-        self.file.flush()
+        from hvctl.io import disk_errors
+
+        with disk_errors(self.file.name):
+            self.file.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
+            self.file.flush()
         if self.tb is not None:
             for k, v in logs.items():
                 self.tb.add_scalar(k, v, step)
@@ -560,6 +579,13 @@ class MetricsLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _metrics_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a torn last line of a killed run: dropped
 
 
 def _embed_guidance_defaults(model_dir: Path, scale: float | None = None) -> None:
