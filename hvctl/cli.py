@@ -25,7 +25,7 @@ model_app = typer.Typer(help="Create and inspect model folders.", no_args_is_hel
 recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 toy_app = typer.Typer(help="The toy world: a synthetic dataset whose truth is known.", no_args_is_help=True)
 eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
-lora_app = typer.Typer(help="LoRA files: convert between the diffusers and kohya formats.", no_args_is_help=True)
+lora_app = typer.Typer(help="LoRA files: convert between the diffusers, musubi-tuner/kohya and ComfyUI formats.", no_args_is_help=True)
 plugins_app = typer.Typer(help="The plugin registry: captioners, rewriters, filters, caches, conditioners.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(recipe_app, name="recipe")
@@ -79,7 +79,7 @@ def generate(
     text_len: Optional[int] = typer.Option(None, "--text-len", help="Maximum prompt length in LLM tokens."),
     ulysses_degree: Optional[int] = typer.Option(None, "--ulysses-degree", help="Sequence parallelism: Ulysses processes."),
     ring_degree: Optional[int] = typer.Option(None, "--ring-degree", help="Sequence parallelism: ring-attention processes."),
-    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers or kohya format)."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers, musubi/kohya, ComfyUI or official I2V format)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML generate recipe; flags override it."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
@@ -108,7 +108,8 @@ def _run_generate(options: dict) -> None:
     result = run_generate(config, progress=None if not as_json else False, on_warning=lambda m: typer.echo(f"warning: {m}", err=True))
     if result is None:  # not rank 0
         return
-    emit(result, as_json, "\n".join(f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]))
+    loras = [f"LoRA {x['path']}: {x['format']} format, {x['modules']} modules" for x in result.get("loras", [])]
+    emit(result, as_json, "\n".join(loras + [f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]]))
 
 
 def i2v(image: Path, i2v_stability: Optional[bool] = None, **options):
@@ -226,6 +227,8 @@ def _train_command(schema_name: str, recipe, out, steps, device, nproc, nnodes, 
                          values=dict(out=out, steps=steps, device=device, nproc=nproc, max_restarts=max_restarts))
     if config.nproc < 1 or nnodes < 1:
         raise HvctlError(f"--nproc {config.nproc}, --nnodes {nnodes}: both must be at least 1")
+    if not under_torchrun():  # the launcher checks once, before any rank starts
+        train_config.check_paths(config)
     if (config.nproc > 1 or nnodes > 1) and not under_torchrun():
         from hvctl.parallel import launch
 
@@ -346,37 +349,38 @@ def rewrite(
 
 @lora_app.command("convert")
 def lora_convert(
-    source: Path = typer.Argument(..., help="A LoRA safetensors file (diffusers or kohya format)."),
+    source: Path = typer.Argument(..., help="A LoRA safetensors file: diffusers/PEFT, musubi/kohya, ComfyUI or official I2V format."),
     out: Path = typer.Argument(..., help="The converted file to write."),
-    to: str = typer.Option(..., "--to", help="kohya (ComfyUI, kohya's tools) or diffusers."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The model folder the LoRA is for (kohya -> diffusers: "
-                                         "its module names). Default: the embedded model."),
+    to: str = typer.Option(..., "--to", help="diffusers (hvctl, diffusers), musubi (musubi-tuner, kohya; alias: kohya) or comfyui."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The model folder the LoRA is for (its module names and "
+                                         "shapes). Default: the embedded model."),
     as_json: bool = JSON_OPTION,
 ):
-    """Convert a LoRA file between diffusers' format and kohya's."""
-    from hvctl.lora import from_kohya, read_lora, save_lora, to_kohya
+    """Convert a LoRA file between the formats of hvctl/diffusers, musubi-tuner and ComfyUI."""
+    if to not in ("diffusers", "musubi", "kohya", "comfyui"):
+        raise HvctlError(f"--to {to}: choose diffusers, musubi (or kohya) or comfyui")
+    import torch
 
-    if to not in ("kohya", "diffusers"):
-        raise HvctlError(f"--to {to}: choose kohya or diffusers")
+    from hvctl.generate import prepare_model
+    from hvctl.lora import convert_lora, read_lora, save_lora
+    from hvctl.models.loading import ModelFolder, component_from_config
+
     weights = read_lora(source)
-    is_kohya = any(k.startswith("lora_unet_") for k in weights)
-    if to == "kohya":
-        converted = weights if is_kohya else to_kohya(weights)
-    elif not is_kohya:
-        converted = weights
-    else:
-        import torch
-
-        from hvctl.generate import prepare_model
-        from hvctl.models.loading import ModelFolder, component_from_config
-
-        model_dir, _ = prepare_model(model)
-        with torch.device("meta"):  # the module names only: no memory, even for 13B
-            transformer = component_from_config(ModelFolder.open(model_dir), "transformer")
-        converted = from_kohya(weights, transformer)
+    model_dir, _ = prepare_model(model)
+    with torch.device("meta"):  # the module names and shapes only: no memory, even for 13B
+        transformer = component_from_config(ModelFolder.open(model_dir), "transformer")
+    try:
+        converted, source_format = convert_lora(weights, to, transformer)
+    except HvctlError as e:
+        raise HvctlError(f"{source}: {e}") from None
+    if to in ("musubi", "kohya"):  # musubi-tuner adapts the double and single blocks alone
+        outside = sorted({k.split(".")[0] for k in converted if not k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_"))})
+        if outside:
+            typer.echo(f"warning: musubi-tuner loads no module outside the double/single blocks: {len(outside)} of this "
+                       f"LoRA's ({outside[0]}, ...) are ignored there", err=True)
     save_lora(out, converted)
-    emit({"source": str(source), "out": str(out), "format": to, "tensors": len(converted)}, as_json,
-         f"wrote {out} ({to} format, {len(converted)} tensors)")
+    emit({"source": str(source), "source_format": source_format, "out": str(out), "format": to, "tensors": len(converted)},
+         as_json, f"wrote {out} ({to} format, {len(converted)} tensors; read as {source_format})")
 
 
 @plugins_app.command("list")

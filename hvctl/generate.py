@@ -50,7 +50,7 @@ class GenerateRecipe:
     ulysses_degree: int = 1  # sequence-parallel inference over ulysses_degree x ring_degree processes
     ring_degree: int = 1
     rewrite: RewriteRecipe | None = None  # rewrite the prompt first (hvctl/rewrite.py); None: as written
-    lora: list[str] = field(default_factory=list)  # LoRA files, each FILE or FILE:SCALE (diffusers or kohya format)
+    lora: list[str] = field(default_factory=list)  # LoRA files, each FILE or FILE:SCALE (diffusers, musubi/kohya, ComfyUI or official I2V format)
     image: Path | None = None  # image-to-video: the first frame (hvctl i2v); needs an i2v model
     i2v_stability: bool = True  # start from 0.999 noise + 0.001 image latent (official --i2v-stability)
 
@@ -134,10 +134,11 @@ class TextToVideo:
 
         self.r = r
         self.parts = load_components(model_dir, dtype=dtype, device=device)
+        self.loras = []  # what each LoRA file was read as
         if r.lora:
             from hvctl.lora import load_loras, parse_lora_spec
 
-            load_loras(self.parts.transformer, [parse_lora_spec(spec) for spec in r.lora])
+            self.loras = load_loras(self.parts.transformer, [parse_lora_spec(spec) for spec in r.lora])
         self.device = device
         kind = condition_type(self.parts.transformer)
         if kind is not None and r.image is None:
@@ -305,6 +306,7 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
         "videos": videos,
         "settings": _settings_dict(r),
         "model": model,
+        **({"loras": t2v.loras} if t2v.loras else {}),
         "seconds": {"load": round(loaded - started, 3), "total": round(time.perf_counter() - started, 3)},
     }
 
