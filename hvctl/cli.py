@@ -80,6 +80,7 @@ def generate(
     ulysses_degree: Optional[int] = typer.Option(None, "--ulysses-degree", help="Sequence parallelism: Ulysses processes."),
     ring_degree: Optional[int] = typer.Option(None, "--ring-degree", help="Sequence parallelism: ring-attention processes."),
     lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers, musubi/kohya, ComfyUI or official I2V format)."),
+    replay: Optional[Path] = typer.Option(None, "--replay", metavar="VIDEO.json", help="Make a video again from its sidecar (its settings, seed and prompt); flags override them."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML generate recipe; flags override it."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
@@ -93,9 +94,12 @@ def _run_generate(options: dict) -> None:
     from hvctl.generate import GenerateRecipe, generate as run_generate
     from hvctl.recipe import load_recipe
 
-    flags = {k: v for k, v in options.items() if k not in ("recipe", "overrides", "as_json")}
+    from hvctl.generate import replay_layer
+
+    flags = {k: v for k, v in options.items() if k not in ("recipe", "overrides", "as_json", "replay")}
     flags["lora"] = flags.get("lora") or None
-    config = load_recipe(GenerateRecipe, options["recipe"], options["overrides"] or (), values=flags)
+    base = replay_layer(options["replay"], "generate") if options.get("replay") else None
+    config = load_recipe(GenerateRecipe, options["recipe"], options["overrides"] or (), values=flags, base=base)
     processes = config.ulysses_degree * config.ring_degree
     from hvctl.parallel import under_torchrun
 
@@ -112,16 +116,18 @@ def _run_generate(options: dict) -> None:
     emit(result, as_json, "\n".join(loras + [f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]]))
 
 
-def i2v(image: Path, i2v_stability: Optional[bool] = None, **options):
+def i2v(image: Optional[Path] = None, i2v_stability: Optional[bool] = None, **options):
     """Generate videos from an image (the first frame) and a prompt, with an image-to-video model."""
+    if image is None and not options.get("replay"):
+        raise HvctlError("i2v needs IMAGE (or --replay VIDEO.json)")
     _run_generate({"image": image, "i2v_stability": i2v_stability, **options})
 
 
 # i2v takes generate's options, after an IMAGE argument and with --stability/--no-stability.
 _generate_parameters = list(inspect.signature(generate, eval_str=True).parameters.values())
 i2v.__signature__ = inspect.Signature([
-    inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
-                      default=typer.Argument(..., metavar="IMAGE", help="The first frame (PNG, JPEG, ...): resized to cover the video, centre-cropped.")),
+    inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],
+                      default=typer.Argument(None, metavar="IMAGE", help="The first frame (PNG, JPEG, ...): resized to cover the video, centre-cropped.")),
     *_generate_parameters[:-3],
     inspect.Parameter("i2v_stability", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[bool],
                       default=typer.Option(None, "--stability/--no-stability",
@@ -153,18 +159,23 @@ def avatar_command(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .mp4."),
     dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers, musubi/kohya, ComfyUI or official I2V format)."),
+    replay: Optional[Path] = typer.Option(None, "--replay", metavar="VIDEO.json", help="Make a video again from its sidecar; flags override its settings."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML avatar recipe; flags override it."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
 ):
     """Animate a reference image by audio, pose and expression (any of them at once); long videos in blended windows."""
-    flags = {k: v for k, v in locals().items() if k not in ("recipe", "overrides", "as_json", "audio_guidance")}
+    flags = {k: v for k, v in locals().items() if k not in ("recipe", "overrides", "as_json", "audio_guidance", "replay")}
+    flags["lora"] = flags.get("lora") or None
     if audio_guidance is not None:
         flags["condition_guidance.audio"] = audio_guidance
     from hvctl.avatar import AvatarRecipe, avatar as run_avatar
+    from hvctl.generate import replay_layer
     from hvctl.recipe import load_recipe
 
-    config = load_recipe(AvatarRecipe, recipe, overrides or (), values=flags)
+    base = replay_layer(replay, "avatar") if replay else None
+    config = load_recipe(AvatarRecipe, recipe, overrides or (), values=flags, base=base)
     result = run_avatar(config, progress=None if not as_json else False)
     emit(result, as_json, "\n".join(f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]))
 

@@ -239,9 +239,54 @@ def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
     """Resolve a recipe against its model folder."""
     model_dir, defaults = prepare_model(recipe.model)
     r = resolve(recipe, defaults)
+    r.lora = [absolute_lora_spec(spec) for spec in r.lora]  # the sidecar replays from anywhere
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     r.model, r.device, r.dtype = model_dir, str(device), str(dtype).removeprefix("torch.")
     return r, model_dir
+
+
+def absolute_lora_spec(spec: str) -> str:
+    from hvctl.lora import parse_lora_spec
+
+    path, scale = parse_lora_spec(spec)
+    return f"{Path(path).absolute()}:{scale:g}"
+
+
+def replay_layer(sidecar: Path, kind: str) -> tuple[str, Path, dict]:
+    """The settings that made the one video a sidecar describes, as a recipe layer (--replay):
+    its own seed and final prompt (already rewritten, so no rewrite), one video."""
+    import json
+
+    sidecar = Path(sidecar)
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise HvctlError(f"--replay {sidecar}: not a readable JSON sidecar ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict) or not isinstance(data.get("seed"), int):
+        raise HvctlError(f"--replay {sidecar}: not an hvctl video sidecar (it needs 'settings' and 'seed')")
+    if data.get("kind", kind) != kind:
+        raise HvctlError(f"--replay {sidecar}: written by `hvctl {data['kind']}`; replay it with that command")
+    settings = {**data["settings"], "seed": data["seed"], "num_videos": 1, "rewrite": None}
+    if isinstance(data.get("prompt"), str):
+        settings["prompt"] = data["prompt"]
+    return f"--replay {sidecar}", sidecar.parent, settings
+
+
+def diffusers_settings(t2v: "TextToVideo", seed: int) -> dict:
+    """What diffusers' HunyuanVideoPipeline needs to draw the same noise and reach the same
+    latents: its call's arguments and the scheduler's shift (the noise is torch.randn over the
+    latent shape from torch.Generator("cpu").manual_seed(seed), as hvctl draws it)."""
+    r = t2v.r
+    call = {"prompt": r.prompt, "height": r.height, "width": r.width, "num_frames": r.frames,
+            "num_inference_steps": r.steps, "prompt_template": {"template": t2v.encode.template.template,
+                                                                "crop_start": t2v.encode.crop_start},
+            "max_sequence_length": t2v.encode.text_len, "generator_seed": seed}
+    if r.embedded_guidance is not None:
+        call["guidance_scale"] = r.embedded_guidance
+    if r.guidance_scale > 1:
+        call.update(true_cfg_scale=r.guidance_scale, negative_prompt=r.negative_prompt)
+    return {"pipeline_call": call, "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "shift": r.flow_shift},
+            "latent_shape": [1, *t2v.latent_shape]}
 
 
 def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning=None) -> dict | None:
@@ -286,6 +331,7 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
         sidecar = path.with_suffix(".json")
         write_json_atomic(sidecar, {
             "hvctl_version": __version__,
+            "kind": "generate",  # `hvctl generate --replay` (and i2v's) remakes this video from this file
             "prompt": r.prompt,
             **({"rewrite": rewritten} if rewritten else {}),
             "negative_prompt": r.negative_prompt,
@@ -293,6 +339,7 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
             "index": i,
             "settings": _settings_dict(r),
             "model": model,
+            "diffusers": diffusers_settings(t2v, seed),
             "video": {"path": path.name, "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                       "width": int(frames.shape[2]), "fps": r.fps},
             "seconds": round(time.perf_counter() - t0, 3),
