@@ -107,7 +107,10 @@ def same_on_any_thread_count(device: torch.device):
     (1 and 2 threads gave frames a level apart), and that count varies with OMP_NUM_THREADS, the
     CPUs a shared machine grants, torchrun's setting. ATen's own convolution does not: about 30%
     slower for the VAE, but the same frames from every run."""
-    return torch.backends.mkldnn.flags(enabled=False) if device.type == "cpu" else contextlib.nullcontext()
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    # None leaves the other flags alone (setting allow_tf32 warns about Intel GPUs).
+    return torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None)
 
 
 @torch.no_grad()
