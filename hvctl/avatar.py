@@ -463,7 +463,7 @@ def avatar(recipe: AvatarRecipe, *, progress: bool | None = None) -> dict:
     from dataclasses import replace
 
     from hvctl import __version__
-    from hvctl.generate import _settings_dict, output_paths, prepare_model, resolve, resolve_device_dtype
+    from hvctl.generate import _settings_dict, absolute_lora_spec, output_paths, prepare_model, resolve, resolve_device_dtype
     from hvctl.io import write_json_atomic
     from hvctl.models.default import default_avatar_model_dir
     from hvctl.models.loading import folder_fingerprint
@@ -484,6 +484,7 @@ def avatar(recipe: AvatarRecipe, *, progress: bool | None = None) -> dict:
     path = output_paths(replace(r, prompt=r.prompt or "avatar"))[0]  # checked before the model loads
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     r.model, r.device, r.dtype = model_dir, str(device), str(dtype).removeprefix("torch.")
+    r.lora = [absolute_lora_spec(spec) for spec in r.lora]
     generator = AvatarGenerator(model_dir, r, device, dtype)
     generator.check(files)
     conditions = generator.encode.from_files({k: v for k, v in files.items() if k != "audio"}, r.height, r.width, r.frames, r.fps)
@@ -500,7 +501,7 @@ def avatar(recipe: AvatarRecipe, *, progress: bool | None = None) -> dict:
     model = {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}
     sidecar = path.with_suffix(".json")
     settings = _settings_dict(r)
-    write_json_atomic(sidecar, {"hvctl_version": __version__, "prompt": r.prompt, "seed": r.seed, "settings": settings,
+    write_json_atomic(sidecar, {"hvctl_version": __version__, "kind": "avatar", "prompt": r.prompt, "seed": r.seed, "settings": settings,
                                 "model": model, "windows": windows(generator.t2v.latent_shape[1], generator.window, generator.overlap),
                                 "video": {"path": path.name, "frames": int(video.shape[0]), "height": int(video.shape[1]),
                                           "width": int(video.shape[2]), "fps": r.fps, "audio": audio is not None}})

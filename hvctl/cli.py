@@ -25,7 +25,7 @@ model_app = typer.Typer(help="Create and inspect model folders.", no_args_is_hel
 recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 toy_app = typer.Typer(help="The toy world: a synthetic dataset whose truth is known.", no_args_is_help=True)
 eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
-lora_app = typer.Typer(help="LoRA files: convert between the diffusers and kohya formats.", no_args_is_help=True)
+lora_app = typer.Typer(help="LoRA files: convert between the diffusers, musubi-tuner/kohya and ComfyUI formats.", no_args_is_help=True)
 plugins_app = typer.Typer(help="The plugin registry: captioners, rewriters, filters, caches, conditioners.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(recipe_app, name="recipe")
@@ -79,7 +79,8 @@ def generate(
     text_len: Optional[int] = typer.Option(None, "--text-len", help="Maximum prompt length in LLM tokens."),
     ulysses_degree: Optional[int] = typer.Option(None, "--ulysses-degree", help="Sequence parallelism: Ulysses processes."),
     ring_degree: Optional[int] = typer.Option(None, "--ring-degree", help="Sequence parallelism: ring-attention processes."),
-    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers or kohya format)."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers, musubi/kohya, ComfyUI or official I2V format)."),
+    replay: Optional[Path] = typer.Option(None, "--replay", metavar="VIDEO.json", help="Make a video again from its sidecar (its settings, seed and prompt); flags override them."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML generate recipe; flags override it."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
@@ -93,9 +94,12 @@ def _run_generate(options: dict) -> None:
     from hvctl.generate import GenerateRecipe, generate as run_generate
     from hvctl.recipe import load_recipe
 
-    flags = {k: v for k, v in options.items() if k not in ("recipe", "overrides", "as_json")}
+    from hvctl.generate import replay_layer
+
+    flags = {k: v for k, v in options.items() if k not in ("recipe", "overrides", "as_json", "replay")}
     flags["lora"] = flags.get("lora") or None
-    config = load_recipe(GenerateRecipe, options["recipe"], options["overrides"] or (), values=flags)
+    base = replay_layer(options["replay"], "generate") if options.get("replay") else None
+    config = load_recipe(GenerateRecipe, options["recipe"], options["overrides"] or (), values=flags, base=base)
     processes = config.ulysses_degree * config.ring_degree
     from hvctl.parallel import under_torchrun
 
@@ -108,19 +112,22 @@ def _run_generate(options: dict) -> None:
     result = run_generate(config, progress=None if not as_json else False, on_warning=lambda m: typer.echo(f"warning: {m}", err=True))
     if result is None:  # not rank 0
         return
-    emit(result, as_json, "\n".join(f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]))
+    loras = [f"LoRA {x['path']}: {x['format']} format, {x['modules']} modules" for x in result.get("loras", [])]
+    emit(result, as_json, "\n".join(loras + [f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]]))
 
 
-def i2v(image: Path, i2v_stability: Optional[bool] = None, **options):
+def i2v(image: Optional[Path] = None, i2v_stability: Optional[bool] = None, **options):
     """Generate videos from an image (the first frame) and a prompt, with an image-to-video model."""
+    if image is None and not options.get("replay"):
+        raise HvctlError("i2v needs IMAGE (or --replay VIDEO.json)")
     _run_generate({"image": image, "i2v_stability": i2v_stability, **options})
 
 
 # i2v takes generate's options, after an IMAGE argument and with --stability/--no-stability.
 _generate_parameters = list(inspect.signature(generate, eval_str=True).parameters.values())
 i2v.__signature__ = inspect.Signature([
-    inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
-                      default=typer.Argument(..., metavar="IMAGE", help="The first frame (PNG, JPEG, ...): resized to cover the video, centre-cropped.")),
+    inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],
+                      default=typer.Argument(None, metavar="IMAGE", help="The first frame (PNG, JPEG, ...): resized to cover the video, centre-cropped.")),
     *_generate_parameters[:-3],
     inspect.Parameter("i2v_stability", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[bool],
                       default=typer.Option(None, "--stability/--no-stability",
@@ -152,18 +159,23 @@ def avatar_command(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .mp4."),
     dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers, musubi/kohya, ComfyUI or official I2V format)."),
+    replay: Optional[Path] = typer.Option(None, "--replay", metavar="VIDEO.json", help="Make a video again from its sidecar; flags override its settings."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML avatar recipe; flags override it."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
 ):
     """Animate a reference image by audio, pose and expression (any of them at once); long videos in blended windows."""
-    flags = {k: v for k, v in locals().items() if k not in ("recipe", "overrides", "as_json", "audio_guidance")}
+    flags = {k: v for k, v in locals().items() if k not in ("recipe", "overrides", "as_json", "audio_guidance", "replay")}
+    flags["lora"] = flags.get("lora") or None
     if audio_guidance is not None:
         flags["condition_guidance.audio"] = audio_guidance
     from hvctl.avatar import AvatarRecipe, avatar as run_avatar
+    from hvctl.generate import replay_layer
     from hvctl.recipe import load_recipe
 
-    config = load_recipe(AvatarRecipe, recipe, overrides or (), values=flags)
+    base = replay_layer(replay, "avatar") if replay else None
+    config = load_recipe(AvatarRecipe, recipe, overrides or (), values=flags, base=base)
     result = run_avatar(config, progress=None if not as_json else False)
     emit(result, as_json, "\n".join(f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]))
 
@@ -226,6 +238,8 @@ def _train_command(schema_name: str, recipe, out, steps, device, nproc, nnodes, 
                          values=dict(out=out, steps=steps, device=device, nproc=nproc, max_restarts=max_restarts))
     if config.nproc < 1 or nnodes < 1:
         raise HvctlError(f"--nproc {config.nproc}, --nnodes {nnodes}: both must be at least 1")
+    if not under_torchrun():  # the launcher checks once, before any rank starts
+        train_config.check_paths(config)
     if (config.nproc > 1 or nnodes > 1) and not under_torchrun():
         from hvctl.parallel import launch
 
@@ -346,40 +360,42 @@ def rewrite(
 
 @lora_app.command("convert")
 def lora_convert(
-    source: Path = typer.Argument(..., help="A LoRA safetensors file (diffusers or kohya format)."),
+    source: Path = typer.Argument(..., help="A LoRA safetensors file: diffusers/PEFT, musubi/kohya, ComfyUI or official I2V format."),
     out: Path = typer.Argument(..., help="The converted file to write."),
-    to: str = typer.Option(..., "--to", help="kohya (ComfyUI, kohya's tools) or diffusers."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The model folder the LoRA is for (kohya -> diffusers: "
-                                         "its module names). Default: the embedded model."),
+    to: str = typer.Option(..., "--to", help="diffusers (hvctl, diffusers), musubi (musubi-tuner, kohya; alias: kohya) or comfyui."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The model folder the LoRA is for (its module names and "
+                                         "shapes). Default: the embedded model."),
     as_json: bool = JSON_OPTION,
 ):
-    """Convert a LoRA file between diffusers' format and kohya's."""
+    """Convert a LoRA file between the formats of hvctl/diffusers, musubi-tuner and ComfyUI."""
     from hvctl.io import check_not_input, check_output_file
-    from hvctl.lora import from_kohya, read_lora, save_lora, to_kohya
 
-    if to not in ("kohya", "diffusers"):
-        raise HvctlError(f"--to {to}: choose kohya or diffusers")
+    if to not in ("diffusers", "musubi", "kohya", "comfyui"):
+        raise HvctlError(f"--to {to}: choose diffusers, musubi (or kohya) or comfyui")
     check_output_file(out, "OUT")
     check_not_input(out, [source], "OUT")
+    import torch
+
+    from hvctl.generate import prepare_model
+    from hvctl.lora import convert_lora, read_lora, save_lora
+    from hvctl.models.loading import ModelFolder, component_from_config
+
     weights = read_lora(source)
-    is_kohya = any(k.startswith("lora_unet_") for k in weights)
-    if to == "kohya":
-        converted = weights if is_kohya else to_kohya(weights)
-    elif not is_kohya:
-        converted = weights
-    else:
-        import torch
-
-        from hvctl.generate import prepare_model
-        from hvctl.models.loading import ModelFolder, component_from_config
-
-        model_dir, _ = prepare_model(model)
-        with torch.device("meta"):  # the module names only: no memory, even for 13B
-            transformer = component_from_config(ModelFolder.open(model_dir), "transformer")
-        converted = from_kohya(weights, transformer)
+    model_dir, _ = prepare_model(model)
+    with torch.device("meta"):  # the module names and shapes only: no memory, even for 13B
+        transformer = component_from_config(ModelFolder.open(model_dir), "transformer")
+    try:
+        converted, source_format = convert_lora(weights, to, transformer)
+    except HvctlError as e:
+        raise HvctlError(f"{source}: {e}") from None
+    if to in ("musubi", "kohya"):  # musubi-tuner adapts the double and single blocks alone
+        outside = sorted({k.split(".")[0] for k in converted if not k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_"))})
+        if outside:
+            typer.echo(f"warning: musubi-tuner loads no module outside the double/single blocks: {len(outside)} of this "
+                       f"LoRA's ({outside[0]}, ...) are ignored there", err=True)
     save_lora(out, converted)
-    emit({"source": str(source), "out": str(out), "format": to, "tensors": len(converted)}, as_json,
-         f"wrote {out} ({to} format, {len(converted)} tensors)")
+    emit({"source": str(source), "source_format": source_format, "out": str(out), "format": to, "tensors": len(converted)},
+         as_json, f"wrote {out} ({to} format, {len(converted)} tensors; read as {source_format})")
 
 
 @plugins_app.command("list")

@@ -54,7 +54,7 @@ class GenerateRecipe:
     ulysses_degree: int = 1  # sequence-parallel inference over ulysses_degree x ring_degree processes
     ring_degree: int = 1
     rewrite: RewriteRecipe | None = None  # rewrite the prompt first (hvctl/rewrite.py); None: as written
-    lora: list[str] = field(default_factory=list)  # LoRA files, each FILE or FILE:SCALE (diffusers or kohya format)
+    lora: list[str] = field(default_factory=list)  # LoRA files, each FILE or FILE:SCALE (diffusers, musubi/kohya, ComfyUI or official I2V format)
     image: Path | None = None  # image-to-video: the first frame (hvctl i2v); needs an i2v model
     i2v_stability: bool = True  # start from 0.999 noise + 0.001 image latent (official --i2v-stability)
 
@@ -149,10 +149,11 @@ class TextToVideo:
 
         self.r = r
         self.parts = load_components(model_dir, dtype=dtype, device=device)
+        self.loras = []  # what each LoRA file was read as
         if r.lora:
             from hvctl.lora import load_loras, parse_lora_spec
 
-            load_loras(self.parts.transformer, [parse_lora_spec(spec) for spec in r.lora])
+            self.loras = load_loras(self.parts.transformer, [parse_lora_spec(spec) for spec in r.lora])
         self.device = device
         kind = condition_type(self.parts.transformer)
         if kind is not None and r.image is None:
@@ -253,9 +254,54 @@ def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
     """Resolve a recipe against its model folder."""
     model_dir, defaults = prepare_model(recipe.model)
     r = resolve(recipe, defaults)
+    r.lora = [absolute_lora_spec(spec) for spec in r.lora]  # the sidecar replays from anywhere
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     r.model, r.device, r.dtype = model_dir, str(device), str(dtype).removeprefix("torch.")
     return r, model_dir
+
+
+def absolute_lora_spec(spec: str) -> str:
+    from hvctl.lora import parse_lora_spec
+
+    path, scale = parse_lora_spec(spec)
+    return f"{Path(path).absolute()}:{scale:g}"
+
+
+def replay_layer(sidecar: Path, kind: str) -> tuple[str, Path, dict]:
+    """The settings that made the one video a sidecar describes, as a recipe layer (--replay):
+    its own seed and final prompt (already rewritten, so no rewrite), one video."""
+    import json
+
+    sidecar = Path(sidecar)
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise HvctlError(f"--replay {sidecar}: not a readable JSON sidecar ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict) or not isinstance(data.get("seed"), int):
+        raise HvctlError(f"--replay {sidecar}: not an hvctl video sidecar (it needs 'settings' and 'seed')")
+    if data.get("kind", kind) != kind:
+        raise HvctlError(f"--replay {sidecar}: written by `hvctl {data['kind']}`; replay it with that command")
+    settings = {**data["settings"], "seed": data["seed"], "num_videos": 1, "rewrite": None}
+    if isinstance(data.get("prompt"), str):
+        settings["prompt"] = data["prompt"]
+    return f"--replay {sidecar}", sidecar.parent, settings
+
+
+def diffusers_settings(t2v: "TextToVideo", seed: int) -> dict:
+    """What diffusers' HunyuanVideoPipeline needs to draw the same noise and reach the same
+    latents: its call's arguments and the scheduler's shift (the noise is torch.randn over the
+    latent shape from torch.Generator("cpu").manual_seed(seed), as hvctl draws it)."""
+    r = t2v.r
+    call = {"prompt": r.prompt, "height": r.height, "width": r.width, "num_frames": r.frames,
+            "num_inference_steps": r.steps, "prompt_template": {"template": t2v.encode.template.template,
+                                                                "crop_start": t2v.encode.crop_start},
+            "max_sequence_length": t2v.encode.text_len, "generator_seed": seed}
+    if r.embedded_guidance is not None:
+        call["guidance_scale"] = r.embedded_guidance
+    if r.guidance_scale > 1:
+        call.update(true_cfg_scale=r.guidance_scale, negative_prompt=r.negative_prompt)
+    return {"pipeline_call": call, "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "shift": r.flow_shift},
+            "latent_shape": [1, *t2v.latent_shape]}
 
 
 def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning=None) -> dict | None:
@@ -302,6 +348,7 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
         sidecar = path.with_suffix(".json")
         write_json_atomic(sidecar, {
             "hvctl_version": __version__,
+            "kind": "generate",  # `hvctl generate --replay` (and i2v's) remakes this video from this file
             "prompt": r.prompt,
             **({"rewrite": rewritten} if rewritten else {}),
             "negative_prompt": r.negative_prompt,
@@ -309,6 +356,7 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
             "index": i,
             "settings": _settings_dict(r),
             "model": model,
+            "diffusers": diffusers_settings(t2v, seed),
             "video": {"path": path.name, "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                       "width": int(frames.shape[2]), "fps": r.fps},
             "seconds": round(time.perf_counter() - t0, 3),
@@ -322,6 +370,7 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
         "videos": videos,
         "settings": _settings_dict(r),
         "model": model,
+        **({"loras": t2v.loras} if t2v.loras else {}),
         "seconds": {"load": round(loaded - started, 3), "total": round(time.perf_counter() - started, 3)},
     }
 

@@ -1,11 +1,10 @@
 """LoRA adapters on the DiT: training (through peft), the file formats, loading for generation.
 
-A LoRA file is diffusers' format, the one `HunyuanVideoPipeline.load_lora_weights` reads: one
-safetensors file whose keys are `transformer.<module>.lora_A.weight` / `.lora_B.weight`. diffusers
-reads no alpha from it (the scale is then 1), so the adapter's alpha / rank is folded into lora_B
-when saving: the file means the same to every reader. The kohya format (`lora_unet_<module with
-underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`), which ComfyUI and kohya's tools
-read, is a renaming of the same tensors.
+A LoRA file hvctl writes is diffusers' format, the one `HunyuanVideoPipeline.load_lora_weights`
+reads: one safetensors file whose keys are `transformer.<module>.lora_A.weight` / `.lora_B.weight`.
+diffusers reads no alpha from it (the scale is then 1), so the adapter's alpha / rank is folded into
+lora_B when saving: the file means the same to every reader. hvctl reads and writes the other
+tools' formats (musubi-tuner/kohya, ComfyUI, official I2V) through hvctl/lora_formats.py.
 """
 
 from __future__ import annotations
@@ -102,24 +101,43 @@ def check_lora_spec(spec: str) -> None:
         raise HvctlError(f"--lora {path}: no such LoRA file")
 
 
-def load_loras(transformer, specs: list[tuple[Path, float]]) -> None:
-    """Load LoRA files (diffusers or kohya format) into the transformer, each at its scale."""
-    names = []
+def load_loras(transformer, specs: list[tuple[Path, float]]) -> list[dict]:
+    """Load LoRA files of any known format (hvctl/lora_formats.py) into the transformer, each at its
+    scale; returns what was loaded: path, format, modules."""
+    from hvctl.lora_formats import FORMATS, official_modules, to_diffusers
+
+    table = official_modules(transformer)  # before any adapter wraps the modules
+    names, loaded = [], []
     for i, (path, scale) in enumerate(specs):
-        weights = read_lora(path)
-        if any(k.startswith("lora_unet_") for k in weights):
-            weights = from_kohya(weights, transformer)
-        before = sum(1 for n, _ in transformer.named_modules() if n.endswith(".lora_A"))
+        try:
+            weights, fmt = to_diffusers(read_lora(path), transformer, table)
+        except HvctlError as e:
+            raise HvctlError(f"{path}: {e}") from None
         name = f"lora_{i}"
         try:
             transformer.load_lora_adapter(weights, prefix=PREFIX.rstrip("."), adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
             raise HvctlError(f"{path}: does not fit this model's transformer ({str(e).splitlines()[0]})") from None
-        if sum(1 for n, _ in transformer.named_modules() if n.endswith(".lora_A")) == before:
+        modules = sum(1 for m in transformer.modules() if name in getattr(m, "lora_A", {}))
+        if not modules:
             raise HvctlError(f"{path}: no key names a module of this model's transformer (a LoRA for another model?)")
         names.append(name)
+        loaded.append({"path": str(path), "format": FORMATS[fmt], "modules": modules, "scale": scale})
     if names:
         transformer.set_adapters(names, [scale for _, scale in specs])
+    return loaded
+
+
+def convert_lora(weights: dict, to: str, transformer) -> tuple[dict, str]:
+    """A LoRA file's tensors in format `to` (diffusers, musubi/kohya or comfyui), and the format
+    they came in. `transformer`: the model the LoRA is for (its module names and shapes; meta is enough)."""
+    from hvctl.lora_formats import FORMATS, from_diffusers, official_modules, to_diffusers
+
+    table = official_modules(transformer)
+    diffusers, source = to_diffusers(weights, transformer, table)
+    if to == "diffusers":
+        return diffusers, FORMATS[source]
+    return from_diffusers(diffusers, "musubi" if to == "kohya" else to, table), FORMATS[source]
 
 
 def merged_into(module, weights: dict):
@@ -128,46 +146,3 @@ def merged_into(module, weights: dict):
     module.fuse_lora(lora_scale=1.0)
     module.unload_lora()
     return module
-
-
-# --- the kohya format -------------------------------------------------------------------------
-
-
-def to_kohya(weights: dict) -> dict:
-    """diffusers -> kohya: lora_unet_<module, dots as underscores>.lora_down/.lora_up/.alpha.
-    alpha is written as the rank, since the file's scale is already folded in."""
-    import torch
-
-    out = {}
-    for key, value in weights.items():
-        match = re.fullmatch(r"transformer\.(.+)\.lora_([AB])\.weight", key)
-        if not match:
-            raise HvctlError(f"LoRA key {key!r} is not in diffusers' format (transformer.<module>.lora_A/B.weight)")
-        module = "lora_unet_" + match.group(1).replace(".", "_")
-        out[f"{module}.{'lora_down' if match.group(2) == 'A' else 'lora_up'}.weight"] = value
-        if match.group(2) == "A":
-            out[f"{module}.alpha"] = torch.tensor(float(value.shape[0]))
-    return out
-
-
-def from_kohya(weights: dict, transformer) -> dict:
-    """kohya -> diffusers, module names recovered from the transformer's own (underscores are
-    ambiguous: to_out_0 is to_out.0); alpha / rank folded into lora_B."""
-    by_flat = {"lora_unet_" + name.replace(".", "_"): name for name, _ in transformer.named_modules()}
-    out = {}
-    for key, value in weights.items():
-        module, _, kind = key.partition(".")
-        if kind == "alpha":
-            continue
-        if module not in by_flat:
-            raise HvctlError(f"kohya LoRA key {key!r} names no module of this model's transformer")
-        if kind == "lora_down.weight":
-            out[f"{PREFIX}{by_flat[module]}.lora_A.weight"] = value
-        elif kind == "lora_up.weight":
-            alpha = weights.get(f"{module}.alpha")
-            rank = weights[f"{module}.lora_down.weight"].shape[0]
-            scale = float(alpha) / rank if alpha is not None else 1.0
-            out[f"{PREFIX}{by_flat[module]}.lora_B.weight"] = value * scale
-        else:
-            raise HvctlError(f"kohya LoRA key {key!r}: expected lora_down.weight, lora_up.weight or alpha")
-    return out

@@ -84,13 +84,21 @@ def load_recipe(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     values: Mapping[str, Any] | None = None,
+    base: tuple[str, Path, Mapping] | None = None,
 ) -> T:
-    """Load `path` (None: defaults only), apply overrides then values, and build `schema`."""
+    """Load `path` (None: defaults only), apply overrides then values, and build `schema`.
+    base: (label, folder, data), a layer under the file's (a video's sidecar settings, for
+    --replay); its relative paths are relative to folder."""
     if not dataclasses.is_dataclass(schema):
         raise TypeError(f"recipe schema must be a dataclass, got {schema!r}")
     data: dict = {}
     origins: dict[_KeyPath, _Source] = {}
     main = _Source(_NO_FILE if path is None else str(Path(path)), None)
+    if base is not None:
+        label, folder, layer = base
+        _merge(data, origins, layer, _Source(label, Path(folder).absolute()))
+        if path is None:
+            main = _Source(label, Path(folder).absolute())
     if path is not None:
         for file, layer in _read_layers(Path(path), chain=()):
             _merge(data, origins, layer, _Source(str(file), file.absolute().parent))

@@ -1,11 +1,11 @@
-"""LoRA: trained through peft, saved in diffusers' format, loaded by generate, converted to kohya's."""
+"""LoRA: trained through peft, saved in diffusers' format, loaded by generate, converted to musubi-tuner's."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import run_cli, small_cache
 from hvctl.video import read_video
@@ -59,15 +59,22 @@ def test_lora_training_changes_only_the_adapter_and_saves_it_in_diffusers_format
 
 def test_generate_with_the_lora_file_matches_the_merged_model(lora_run, tiny_model, tmp_path):
     report, root = lora_run
+    musubi = tmp_path / "musubi.safetensors"  # the same adapter in musubi-tuner's format: fused q/k/v, official names
+    done = run_cli("lora", "convert", report["lora"], musubi, "--to", "musubi", "--model", tiny_model)
+    assert done.returncode == 0, done.stderr
     common = ["a red circle moves left on a black background", "--steps", "2", "--frames", "5", "--height", "32",
-              "--width", "32", "--seed", "5", "--dtype", "float32"]
+              "--width", "32", "--seed", "5", "--dtype", "float32", "--json"]
     outputs = {}
     for name, extra in {"base": ["--model", tiny_model], "lora": ["--model", tiny_model, "--lora", report["lora"]],
                         "merged": ["--model", root / "run" / "model"],
-                        "off": ["--model", tiny_model, "--lora", f"{report['lora']}:0.0"]}.items():
+                        "off": ["--model", tiny_model, "--lora", f"{report['lora']}:0.0"],
+                        "musubi": ["--model", tiny_model, "--lora", musubi]}.items():
         out = tmp_path / f"{name}.mp4"
         done = run_cli("generate", *common, *extra, "-o", out)
         assert done.returncode == 0, done.stderr
+        if name == "musubi":  # the format is detected from the keys and reported
+            loaded = json.loads(done.stdout)["loras"]
+            assert [(x["format"], x["modules"]) for x in loaded] == [("musubi-tuner/kohya", 26)]
         outputs[name] = read_video(out)[0].astype(np.int16)
     # Mean differences: float rounding (W + BA against W + B(A x)) can tip a few H.264 blocks by a
     # few levels, which a max over pixels would read as a mismatch.
@@ -76,18 +83,29 @@ def test_generate_with_the_lora_file_matches_the_merged_model(lora_run, tiny_mod
     assert effect > 1.0  # the adapter changes the video
     assert differ("lora", "merged") < 0.1 * effect  # applied as a file or merged: the same video
     assert differ("off", "base") < 0.1 * effect  # scale 0: no change
+    assert np.array_equal(outputs["musubi"], outputs["lora"])  # split back into the very same adapters
 
 
-def test_kohya_conversion_round_trips_and_loads(lora_run, tiny_model, tmp_path):
+def test_kohya_conversion_writes_musubi_names_and_round_trips(lora_run, tiny_model, tmp_path):
     report, _ = lora_run
     kohya = tmp_path / "kohya.safetensors"
     done = run_cli("lora", "convert", report["lora"], kohya, "--to", "kohya", "--model", tiny_model)
     assert done.returncode == 0, done.stderr
     converted = load_file(str(kohya))
-    assert any(k.startswith("lora_unet_transformer_blocks_0_attn_to_out_0.lora_down") for k in converted)
+    # what musubi-tuner names the official modules (and ComfyUI maps): not diffusers' names
+    assert "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight" in converted
+    assert "lora_unet_double_blocks_0_img_attn_qkv.alpha" in converted
+    assert not any(k.startswith("lora_unet_transformer_blocks") for k in converted)
     back = tmp_path / "back.safetensors"
     assert run_cli("lora", "convert", kohya, back, "--to", "diffusers", "--model", tiny_model).returncode == 0
     original, restored = load_file(report["lora"]), load_file(str(back))
+    assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
+    # A file in kohya's naming over diffusers' module names (what hvctl wrote before) still loads.
+    old = tmp_path / "old-kohya.safetensors"
+    save_file({f"lora_unet_{k.removeprefix('transformer.').rsplit('.lora_', 1)[0].replace('.', '_')}."
+               f"{'lora_down' if '.lora_A.' in k else 'lora_up'}.weight": v for k, v in original.items()}, str(old))
+    assert run_cli("lora", "convert", old, back, "--to", "diffusers", "--model", tiny_model).returncode == 0
+    restored = load_file(str(back))
     assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
 
 
@@ -96,8 +114,6 @@ def test_bad_lora_files_are_one_line(tiny_model, tmp_path):
     junk.write_bytes(b"not safetensors")
     done = run_cli("generate", "x", "--model", tiny_model, "--lora", junk, "--steps", "1")
     assert done.returncode == 1 and "junk.safetensors: not a safetensors LoRA file" in done.stderr
-    from safetensors.torch import save_file
-
     foreign = tmp_path / "foreign.safetensors"
     save_file({"transformer.no_such_block.to_q.lora_A.weight": torch.zeros(4, 8),
                "transformer.no_such_block.to_q.lora_B.weight": torch.zeros(8, 4)}, str(foreign))

@@ -183,3 +183,46 @@ class DistillRecipe(TrainRecipe):
     # The embedded guidance the student's folder defaults to; None: the teacher's scale (6 when it is 1).
     # A tiny student may need more than the teacher's scale for the same look (README: distill).
     student_guidance: float | None = None
+
+
+def check_paths(r: TrainRecipe) -> None:
+    """Check every path a resolved train/distill recipe names, before any process starts: a bad
+    recipe is then one line from the launcher, not one from each of N ranks."""
+    import os
+
+    from hvctl.errors import HvctlError
+    from hvctl.models.loading import ModelFolder
+    from hvctl.models.presets import get_preset
+
+    if r.out is None:
+        raise HvctlError("train needs an output folder ('out' in the recipe or --out)")
+    out = Path(r.out)
+    if out.exists() and not out.is_dir():
+        raise HvctlError(f"out: {out} is a file, not a run folder")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise HvctlError(f"out: {out} cannot be created ({parent} is not a writable folder)")
+    if r.KIND == "distill":
+        if r.teacher is None:
+            raise HvctlError("distill needs 'teacher' (a model folder) and target: dit")
+        ModelFolder.open(r.teacher)
+    elif r.model is not None:
+        folder = ModelFolder.open(r.model)
+        if not folder.has_weights and not r.reinit:
+            raise HvctlError(f"model: {r.model} has configs but no weights (written with --meta); train it with reinit: true")
+    elif r.init_preset is not None:
+        get_preset(r.init_preset)
+    else:
+        raise HvctlError("train needs a starting model: 'model' (a model folder) or 'init_preset' (e.g. tiny)")
+    d = r.data
+    if d.cache is not None and r.target == "dit" and not Path(d.cache).is_dir():
+        raise HvctlError(f"data.cache: {d.cache} not found (make it with `hvctl encode`)")
+    if d.manifest is not None and not Path(d.manifest).is_file():
+        raise HvctlError(f"data.manifest: {d.manifest} not found")
+    if d.manifest is None and (r.target == "vae" or d.cache is None):
+        raise HvctlError("VAE training reads pixels: set data.manifest" if r.target == "vae" else "train needs data.cache or data.manifest")
+    if r.vae_loss.lpips_weights is not None and not Path(r.vae_loss.lpips_weights).is_file():
+        raise HvctlError(f"vae_loss.lpips_weights: {r.vae_loss.lpips_weights} not found")
+    if r.avatar is not None and r.avatar.audio_encoder_options.get("path") is not None:
+        if not Path(r.avatar.audio_encoder_options["path"]).exists():
+            raise HvctlError(f"avatar.audio_encoder_options.path: {r.avatar.audio_encoder_options['path']} not found")
