@@ -188,20 +188,14 @@ class DistillRecipe(TrainRecipe):
 def check_paths(r: TrainRecipe) -> None:
     """Check every path a resolved train/distill recipe names, before any process starts: a bad
     recipe is then one line from the launcher, not one from each of N ranks."""
-    import os
-
     from hvctl.errors import HvctlError
+    from hvctl.io import check_output_dir
     from hvctl.models.loading import ModelFolder
     from hvctl.models.presets import get_preset
 
     if r.out is None:
         raise HvctlError("train needs an output folder ('out' in the recipe or --out)")
-    out = Path(r.out)
-    if out.exists() and not out.is_dir():
-        raise HvctlError(f"out: {out} is a file, not a run folder")
-    parent = next(p for p in [out, *out.parents] if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise HvctlError(f"out: {out} cannot be created ({parent} is not a writable folder)")
+    check_output_dir(r.out, "out:")
     if r.KIND == "distill":
         if r.teacher is None:
             raise HvctlError("distill needs 'teacher' (a model folder) and target: dit")
