@@ -53,6 +53,12 @@ class GenerateRecipe:
     lora: list[str] = field(default_factory=list)  # LoRA files, each FILE or FILE:SCALE (diffusers or kohya format)
     image: Path | None = None  # image-to-video: the first frame (hvctl i2v); needs an i2v model
     i2v_stability: bool = True  # start from 0.999 noise + 0.001 image latent (official --i2v-stability)
+    # Inference accelerators (hvctl/accelerate.py)
+    attention: Literal["auto", "sdpa", "flash", "flash3", "sage", "native"] = "auto"
+    offload: Literal["none", "model", "group", "sequential", "auto"] = "none"
+    weights_dtype: str | None = None  # the DiT's stored weights, e.g. float8_e4m3fn; None: the compute dtype
+    compile: bool = False  # regional torch.compile of the DiT's blocks
+    step_cache: str = "none"  # none, teacache:T or fbc:T
 
 
 def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True) -> GenerateRecipe:
@@ -126,19 +132,24 @@ class TextToVideo:
     gives what separate runs give (up to float rounding).
     """
 
-    def __init__(self, model_dir: Path, r: GenerateRecipe, device, dtype):
+    def __init__(self, model_dir: Path, r: GenerateRecipe, device, dtype, parallel_later: bool = False):
         from hvctl.models.loading import load_components
         from hvctl.models.text import ImagePromptEncoder, PromptEncoder
         from hvctl.models.vae import configure_tiling, latent_shape
         from hvctl.sampling import FlowMatchEulerSampler
 
+        from hvctl.accelerate import Accelerators
+
         self.r = r
-        self.parts = load_components(model_dir, dtype=dtype, device=device)
+        self.accelerators = Accelerators.from_recipe(r)
+        self.accelerators.check(device, dtype)
+        self.parts = load_components(model_dir, dtype=dtype, device=self.accelerators.load_device(device))
         if r.lora:
             from hvctl.lora import load_loras, parse_lora_spec
 
             load_loras(self.parts.transformer, [parse_lora_spec(spec) for spec in r.lora])
         self.device = device
+        self.offload = self.step_cache = None
         kind = condition_type(self.parts.transformer)
         if kind is not None and r.image is None:
             raise HvctlError(f"{model_dir} is an image-to-video model ({kind}): give it an image (hvctl i2v IMAGE PROMPT)")
@@ -154,6 +165,29 @@ class TextToVideo:
         configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size, r.vae_tile_stats)
         channels = latent_channels(self.parts.transformer)
         self.latent_shape = latent_shape(self.parts.vae.config, channels, r.frames, r.height, r.width)
+        if not parallel_later:
+            self.accelerate()
+
+    def accelerate(self) -> None:
+        """Apply the recipe's accelerators (after any sequence-parallel processors: they share the attention choice)."""
+        self.offload, self.step_cache = self.accelerators.apply(self.parts, self.device, self.parts.transformer.dtype, self.r.steps)
+
+    def run_report(self, ticks: list[float]) -> dict:
+        """What the accelerators did for the last video, and its step times (ticks: its start, then each step's end)."""
+        steps = [b - a for a, b in zip(ticks, ticks[1:])]
+        later = sorted(steps[1:]) or steps
+        report = {"accelerators": dict(self.accelerators.applied), "step_seconds": {
+            "first": round(steps[0], 4), "median_after_first": round(later[len(later) // 2], 4)}}
+        if self.accelerators.compile:  # the first step compiles the blocks
+            report["step_seconds"]["compile"] = round(max(0.0, steps[0] - later[len(later) // 2]), 4)
+        if self.step_cache is not None:
+            report["step_cache"] = self.step_cache.summary()
+        return report
+
+    def release_text_encoders(self) -> None:
+        """The prompts are encoded: the text encoders leave the GPU."""
+        if self.offload is not None:
+            self.offload.release_text_encoders()
 
     def conditions(self, prompts: list[str], images: list | None = None):
         """Text conditions for `prompts`; for an i2v model, `images` ([H, W, 3] uint8, one per
@@ -203,6 +237,8 @@ class TextToVideo:
         noise = noise.to(self.device)
         if conditions.image is not None:
             noise = conditions.image.initial(noise, self.r.i2v_stability)
+        if self.step_cache is not None:
+            self.step_cache.reset()
         return self.sampler(denoiser or self.parts.transformer, noise, conditions, on_step=on_step)
 
     def frames(self, latents):
@@ -265,19 +301,22 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
     if parallel is not None:
         device, r.seed = parallel.device, parallel.agree(r.seed)  # a random seed: rank 0's
     paths = output_paths(r)
-    t2v = TextToVideo(model_dir, r, device, dtype)
+    t2v = TextToVideo(model_dir, r, device, dtype, parallel_later=parallel is not None)
     if parallel is not None:
         parallel.apply(t2v.parts.transformer)
+        t2v.accelerate()
     main = parallel is None or parallel.ranks.is_main
     model = {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}
     loaded = time.perf_counter()
 
     conditions = t2v.conditions([r.prompt])  # encoded once for every video
+    t2v.release_text_encoders()
     videos = []
     for i, path in enumerate(paths):
         seed, t0 = r.seed + i, time.perf_counter()
+        ticks = [t0]
         with progress_bar(r.steps, f"video {i + 1}/{len(paths)}", enabled=progress if main else False) as advance:
-            latents = t2v.latents([seed], conditions, on_step=lambda _: advance())
+            latents = t2v.latents([seed], conditions, on_step=lambda _: (advance(), ticks.append(time.perf_counter())))
         if not main:  # rank 0 alone decodes and writes
             continue
         frames = t2v.frames(latents)[0]
@@ -295,8 +334,9 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
             "video": {"path": path.name, "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                       "width": int(frames.shape[2]), "fps": r.fps},
             "seconds": round(time.perf_counter() - t0, 3),
+            **t2v.run_report(ticks),
         })
-        videos.append({"path": str(path), "sidecar": str(sidecar), "seed": seed})
+        videos.append({"path": str(path), "sidecar": str(sidecar), "seed": seed, **t2v.run_report(ticks)})
     if parallel is not None:
         parallel.close()
     if not main:

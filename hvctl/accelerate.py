@@ -1,0 +1,391 @@
+"""Inference accelerators in one place, applied to loaded components from outside:
+
+- attention: which kernel diffusers' attention dispatcher runs (hvctl's sequence-parallel
+  processor asks the same dispatcher);
+- offload: component offload and sequential per-module offload (accelerate's hooks), group
+  offloading of the DiT's blocks (diffusers' hooks, CUDA streams and prefetch on a GPU);
+- weights_dtype: the DiT's weights stored in FP8 (or any dtype), computed in the compute dtype
+  (diffusers' layerwise casting; norms and embeddings stay in full precision);
+- compile: regional torch.compile of the DiT's repeated blocks;
+- step_cache: TeaCache (below) or diffusers' FirstBlockCache: a step whose first block barely
+  changed reuses the last full step's residual instead of running the other blocks.
+
+The model code stays diffusers'; generate.py asks `Accelerators.apply` once per loaded model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hvctl.errors import HvctlError
+
+ATTENTION = ("auto", "sdpa", "flash", "flash3", "sage", "native")
+OFFLOAD = ("none", "model", "group", "sequential", "auto")
+STEP_CACHES = ("none", "teacache", "fbc")
+
+# hvctl's name -> diffusers' backend. HunyuanVideo masks the text padding, so the flash and sage
+# kernels run in their variable-length form (keys unpadded, as the official code calls flash-attn).
+# `native` is torch's plain math kernel: the reference the fused ones are checked against.
+_BACKENDS = {"sdpa": "native", "native": "_native_math", "flash": "flash_varlen", "flash3": "_flash_varlen_3",
+             "sage": "sage_varlen"}
+_PACKAGES = {"flash": "flash-attn>=2.6.3 (pip install flash-attn --no-build-isolation)",
+             "flash3": "flash-attn 3 (flash_attn_interface: build flash-attention's hopper/ folder)",
+             "sage": "sageattention>=2.1.1 (pip install sageattention)"}
+
+
+def _installed(name: str) -> bool:
+    from diffusers.models import attention_dispatch as d
+
+    return {"flash": d._CAN_USE_FLASH_ATTN, "flash3": d._CAN_USE_FLASH_ATTN_3, "sage": d._CAN_USE_SAGE_ATTN}.get(name, True)
+
+
+def attention_backend(name: str, device) -> str:
+    """hvctl's attention name (auto resolved for `device`) -> diffusers' backend name, checked."""
+    return _BACKENDS[attention_choice(name, device)]
+
+
+def attention_choice(name: str, device) -> str:
+    """hvctl's attention name, auto resolved for `device` and checked."""
+    if name not in ATTENTION:
+        raise HvctlError(f"--attention {name}: choose one of {', '.join(ATTENTION)}")
+    if name == "auto":
+        import torch
+
+        name = "sdpa"
+        if device.type == "cuda":
+            hopper = torch.cuda.get_device_capability(device)[0] == 9
+            name = "flash3" if hopper and _installed("flash3") else "flash" if _installed("flash") else "sdpa"
+    if not _installed(name):
+        raise HvctlError(f"--attention {name}: the package is not installed; install {_PACKAGES[name]}")
+    if name in _PACKAGES and device.type != "cuda":
+        raise HvctlError(f"--attention {name}: runs on a CUDA GPU only; on {device.type} use sdpa")
+    return name
+
+
+def set_attention(transformer, backend: str) -> None:
+    """Every attention of the DiT (the sequence-parallel processor too) through `backend`."""
+    transformer.set_attention_backend(backend)
+    for module in transformer.modules():  # processors that diffusers' setter does not know
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_attention_backend"):
+            processor._attention_backend = backend
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+class _OffloadOthers:
+    """Passed to accelerate as a component's `prev_module_hook`: before it runs, every other
+    component goes back to the CPU (accelerate's own chain only offloads one predecessor)."""
+
+    def __init__(self, hooks: dict, name: str):
+        self.hooks, self.name = hooks, name
+
+    def offload(self):
+        for name, hook in self.hooks.items():
+            if name != self.name:
+                hook.offload()
+
+
+class Offload:
+    """Where components live between uses. Built by `apply_offload`; `release_text_encoders` is
+    called as soon as the prompts are encoded."""
+
+    def __init__(self, mode: str, parts, device):
+        self.mode, self.parts, self.device = mode, parts, device
+        self.hooks: dict = {}
+
+    def release_text_encoders(self) -> None:
+        import torch
+
+        for name in TEXT_ENCODERS:
+            if name in self.hooks:
+                self.hooks[name].offload()
+            elif self.mode == "none" and getattr(self.parts, name) is not None and self.device.type != "cpu":
+                # Kept, on the CPU, so that encoding again still works (slowly).
+                setattr(self.parts, name, getattr(self.parts, name).to("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def apply_offload(parts, mode: str, device) -> Offload:
+    """Offload hooks on the loaded components (all on the CPU for any mode but none)."""
+    offload = Offload(mode, parts, device)
+    if mode == "none":
+        return offload
+    from accelerate import cpu_offload, cpu_offload_with_hook
+
+    names = [n for n in ("text_encoder", "text_encoder_2", "transformer", "vae") if getattr(parts, n) is not None]
+    if mode == "sequential":  # every leaf module onloaded for its own forward only: least memory, slowest
+        for name in names:
+            cpu_offload(getattr(parts, name), execution_device=device)
+        return offload
+    if mode == "group":
+        names.remove("transformer")
+        parts.transformer.enable_group_offload(onload_device=device, offload_device="cpu", offload_type="block_level",
+                                               num_blocks_per_group=1, use_stream=device.type == "cuda")
+    for name in names:
+        _, offload.hooks[name] = cpu_offload_with_hook(getattr(parts, name), device, _OffloadOthers(offload.hooks, name))
+    return offload
+
+
+def storage_dtype(name: str | None, compute_dtype):
+    """The dtype named by --weights-dtype (None: the compute dtype), checked on this machine."""
+    import torch
+
+    if name is None:
+        return compute_dtype
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise HvctlError(f"--weights-dtype {name}: not a floating-point torch dtype "
+                         "(float8_e4m3fn, float8_e5m2, bfloat16, float16, float32)")
+    try:  # layerwise casting needs the cast both ways on this build of torch
+        torch.ones(2, dtype=compute_dtype).to(dtype).to(compute_dtype)
+    except (RuntimeError, TypeError) as e:
+        raise HvctlError(f"--weights-dtype {name}: this torch cannot cast {name} to {compute_dtype} ({e})") from None
+    return dtype
+
+
+def apply_weights_dtype(transformer, dtype, compute_dtype) -> None:
+    """The DiT's linear and conv weights stored in `dtype`, each cast to compute_dtype for its own
+    forward only; norms, embedders and the output projection keep the compute dtype (diffusers' rule)."""
+    if dtype != compute_dtype:
+        transformer.enable_layerwise_casting(storage_dtype=dtype, compute_dtype=compute_dtype)
+
+
+def weight_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# -- step caches ----------------------------------------------------------------------------------
+
+# TeaCache's published fit for HunyuanVideo: the relative L1 change of the first block's
+# modulated input -> the relative change of the model's output, as a polynomial (highest power first).
+TEACACHE_HUNYUAN_COEFFICIENTS = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
+
+
+def parse_step_cache(spec: str) -> tuple[str, float]:
+    """"teacache:0.1" -> ("teacache", 0.1); "none" -> ("none", 0.0)."""
+    kind, _, value = spec.partition(":")
+    if kind not in STEP_CACHES:
+        raise HvctlError(f"--step-cache {spec}: choose none, teacache:T or fbc:T (T a threshold >= 0)")
+    if kind == "none":
+        if value:
+            raise HvctlError(f"--step-cache {spec}: none takes no threshold")
+        return kind, 0.0
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise HvctlError(f"--step-cache {spec}: give a threshold, e.g. {kind}:0.1") from None
+    if not math.isfinite(threshold) or threshold < 0:
+        raise HvctlError(f"--step-cache {spec}: the threshold must be a finite number >= 0")
+    return kind, threshold
+
+
+class StepCache:
+    """A step cache on a DiT: TeaCache (hvctl's hooks below) or FirstBlockCache (diffusers').
+
+    Each call of the DiT gets a cache context named by its place within its step (the calls of a
+    step share one timestep: one call, or several for avatar windows or condition guidance), so
+    each call is compared with the same call of the previous step. `skipped`/`computed` count calls.
+    """
+
+    def __init__(self, transformer, kind: str, threshold: float, steps: int):
+        from diffusers.hooks import HookRegistry
+
+        self.transformer, self.kind, self.threshold, self.steps = transformer, kind, threshold, steps
+        self.skipped = self.computed = 0
+        self._last_timestep, self._call = None, 0
+        if kind == "fbc":
+            from diffusers import FirstBlockCacheConfig
+
+            transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        else:
+            _apply_teacache(transformer, self)
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_context_hook(self), "hvctl_step_cache_context")
+
+    def reset(self) -> None:
+        """Before a new video: no state from the last one."""
+        from diffusers.hooks import HookRegistry
+
+        for module in self.transformer.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if isinstance(registry, HookRegistry):
+                registry.reset_stateful_hooks()
+        self._last_timestep, self._call = None, 0
+        self.skipped = self.computed = 0
+
+    def context(self, timestep) -> str:
+        value = float(timestep.flatten()[0])
+        self._call = self._call + 1 if value == self._last_timestep else 0
+        self._last_timestep = value
+        return f"call{self._call}"
+
+    def count(self, computed: bool) -> None:
+        if computed:
+            self.computed += 1
+        else:
+            self.skipped += 1
+
+    def summary(self) -> dict:
+        return {"kind": self.kind, "threshold": self.threshold, "computed": self.computed, "skipped": self.skipped}
+
+
+def _context_hook(cache: StepCache):
+    """On the DiT itself: names each call's cache context, and counts diffusers' FBC decisions."""
+    from diffusers.hooks import ModelHook
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    class Context(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            with module.cache_context(cache.context(timestep)):
+                output = self.fn_ref.original_forward(*args, **kwargs)
+                if cache.kind == "fbc":
+                    head = module.transformer_blocks[0]._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK)
+                    cache.count(head.state_manager.get_state().should_compute)
+            return output
+
+    return Context()
+
+
+def _apply_teacache(transformer, cache: StepCache) -> None:
+    """TeaCache on a HunyuanVideo DiT, built on diffusers' hooks: the first dual-stream block
+    measures its modulated input and decides; on a skipped call every block passes its input
+    through and the last adds the residual (output - input) of the last computed call."""
+    import torch
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks.hooks import BaseState, StateManager
+
+    class State(BaseState):
+        def __init__(self):
+            self.reset()
+
+        def reset(self):
+            self.step = 0
+            self.previous = None  # the last call's modulated input
+            self.accumulated = 0.0
+            self.compute = True
+            self.head_input = None
+            self.residual = None
+
+    states = StateManager(State)
+    polynomial = torch.tensor(TEACACHE_HUNYUAN_COEFFICIENTS, dtype=torch.float64)
+
+    def rescale(x: float) -> float:
+        return float(sum(c * x ** (len(polynomial) - 1 - i) for i, c in enumerate(polynomial.tolist())))
+
+    class Head(ModelHook):
+        _is_stateful = True
+
+        def __init__(self):
+            super().__init__()
+            self.states = states  # found here by diffusers' cache_context
+
+        def new_forward(self, block, *args, **kwargs):
+            hidden, encoder, temb = args[0], args[1], args[2]
+            if len(args) > 5 and args[5] is not None:  # token_replace i2v: frame 0 modulated by its own embedding
+                modulated = block.norm1(hidden, temb, args[5], args[6])[0]
+            else:
+                modulated = block.norm1(hidden, emb=temb)[0]
+            state = states.get_state()
+            compute = state.step == 0 or state.step == cache.steps - 1 or cache.threshold == 0
+            if not compute:
+                change = ((modulated - state.previous).abs().mean() / state.previous.abs().mean()).item()
+                state.accumulated += rescale(change)
+                compute = state.accumulated >= cache.threshold
+            if compute:
+                state.accumulated = 0.0
+            state.previous, state.compute, state.head_input = modulated, compute, hidden
+            state.step += 1
+            cache.count(compute)
+            return self.fn_ref.original_forward(*args, **kwargs) if compute else (hidden, encoder)
+
+        def reset_state(self, module):
+            states.reset()
+            return module
+
+    class Body(ModelHook):
+        def __init__(self, tail: bool):
+            super().__init__()
+            self.tail = tail
+
+        def new_forward(self, block, *args, **kwargs):
+            state = states.get_state()
+            if state.compute:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+                if self.tail:
+                    state.residual = output[0] - state.head_input
+                return output
+            hidden, encoder = args[0], args[1]
+            return (state.head_input + state.residual if self.tail else hidden), encoder
+
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(Head(), "hvctl_teacache_head")
+    for i, block in enumerate(blocks[1:], 1):
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(Body(i == len(blocks) - 1), "hvctl_teacache_block")
+
+
+# -- all together ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Accelerators:
+    """The resolved accelerator settings of a generate recipe."""
+
+    attention: str = "auto"
+    offload: str = "none"
+    weights_dtype: str | None = None
+    compile: bool = False
+    step_cache: str = "none"
+    applied: dict = field(default_factory=dict)  # what apply() did: backend names, counts, ...
+
+    @classmethod
+    def from_recipe(cls, r) -> "Accelerators":
+        return cls(r.attention, r.offload, r.weights_dtype, r.compile, r.step_cache)
+
+    def check(self, device, compute_dtype) -> None:
+        """Every setting's errors, before any weights load."""
+        attention_backend(self.attention, device)
+        if self.offload not in OFFLOAD:
+            raise HvctlError(f"--offload {self.offload}: choose one of {', '.join(OFFLOAD)}")
+        if self.offload not in ("none", "auto") and device.type == "cpu":
+            raise HvctlError(f"--offload {self.offload}: this run is on the CPU already; offload moves weights "
+                             "between a GPU and CPU memory")
+        storage_dtype(self.weights_dtype, compute_dtype)
+        parse_step_cache(self.step_cache)
+
+    def load_device(self, device):
+        """Where load_components puts the weights: the CPU when hooks will move them."""
+        import torch
+
+        return torch.device("cpu") if self.offload not in ("none", "auto") else device
+
+    def apply(self, parts, device, compute_dtype, steps: int) -> tuple[Offload, StepCache | None]:
+        """Apply everything to loaded components; the order matters (casting before offload
+        hooks, the cache's hooks before compile wraps the blocks)."""
+        choice = attention_choice(self.attention, device)
+        set_attention(parts.transformer, _BACKENDS[choice])
+        self.applied.update(attention=choice, attention_backend=_BACKENDS[choice])
+        dtype = storage_dtype(self.weights_dtype, compute_dtype)
+        apply_weights_dtype(parts.transformer, dtype, compute_dtype)
+        self.applied["transformer_weight_bytes"] = weight_bytes(parts.transformer)
+        kind, threshold = parse_step_cache(self.step_cache)
+        cache = StepCache(parts.transformer, kind, threshold, steps) if kind != "none" else None
+        offload = apply_offload(parts, self.offload if self.offload != "auto" else "none", device)
+        if self.compile:
+            compile_blocks(parts.transformer)
+        return offload, cache
+
+
+def compile_blocks(transformer) -> None:
+    """Regional compilation: each repeated block compiled once (the blocks of one kind share a
+    graph), minutes faster to compile than the whole model and as fast to run."""
+    try:
+        import torch._dynamo  # noqa: F401
+    except ImportError as e:
+        raise HvctlError(f"--compile: torch.compile is unavailable here ({e})") from None
+    transformer.compile_repeated_blocks(dynamic=False)
