@@ -352,9 +352,6 @@ class Accelerators:
         attention_backend(self.attention, device)
         if self.offload not in OFFLOAD:
             raise HvctlError(f"--offload {self.offload}: choose one of {', '.join(OFFLOAD)}")
-        if self.offload not in ("none", "auto") and device.type == "cpu":
-            raise HvctlError(f"--offload {self.offload}: this run is on the CPU already; offload moves weights "
-                             "between a GPU and CPU memory")
         storage_dtype(self.weights_dtype, compute_dtype)
         parse_step_cache(self.step_cache)
 

@@ -125,7 +125,9 @@ def frames_to_tensor(frames) -> torch.Tensor:
 def encode_posterior(vae, frames) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior of (T, H, W, 3) uint8 frames, as the DiT sees latents: (mean, std) times
     the scaling factor, each (C, T', H', W')."""
-    video = frames_to_tensor(frames).to(vae.device, vae.dtype)
+    from hvctl.models.loading import input_device
+
+    video = frames_to_tensor(frames).to(input_device(vae), vae.dtype)
     posterior = vae.encode(video).latent_dist
     scale = vae.config.scaling_factor
     return (posterior.mean[0] * scale).float(), (posterior.std[0] * scale).float()
