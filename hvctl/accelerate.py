@@ -77,17 +77,22 @@ def set_attention(transformer, backend: str) -> None:
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
-class _OffloadOthers:
-    """Passed to accelerate as a component's `prev_module_hook`: before it runs, every other
-    component goes back to the CPU (accelerate's own chain only offloads one predecessor)."""
+def _offload_component(module, device, hooks: dict):
+    """accelerate's component offload, except that before this component runs every other one
+    goes back to the CPU (accelerate's own chain offloads only one predecessor). Returns the hook
+    whose offload() sends it back."""
+    from accelerate.hooks import CpuOffload, UserCpuOffloadHook, add_hook_to_module
 
-    def __init__(self, hooks: dict, name: str):
-        self.hooks, self.name = hooks, name
+    class OffloadOthersFirst(CpuOffload):
+        def pre_forward(self, module, *args, **kwargs):
+            for hook in hooks.values():
+                if hook.model is not module:
+                    hook.offload()
+            return super().pre_forward(module, *args, **kwargs)
 
-    def offload(self):
-        for name, hook in self.hooks.items():
-            if name != self.name:
-                hook.offload()
+    hook = OffloadOthersFirst(execution_device=device)
+    add_hook_to_module(module, hook, append=True)
+    return UserCpuOffloadHook(module, hook)
 
 
 class Offload:
@@ -116,7 +121,7 @@ def apply_offload(parts, mode: str, device) -> Offload:
     offload = Offload(mode, parts, device)
     if mode == "none":
         return offload
-    from accelerate import cpu_offload, cpu_offload_with_hook
+    from accelerate import cpu_offload
 
     names = [n for n in ("text_encoder", "text_encoder_2", "transformer", "vae") if getattr(parts, n) is not None]
     if mode == "sequential":  # every leaf module onloaded for its own forward only: least memory, slowest
@@ -128,7 +133,7 @@ def apply_offload(parts, mode: str, device) -> Offload:
         parts.transformer.enable_group_offload(onload_device=device, offload_device="cpu", offload_type="block_level",
                                                num_blocks_per_group=1, use_stream=device.type == "cuda")
     for name in names:
-        _, offload.hooks[name] = cpu_offload_with_hook(getattr(parts, name), device, _OffloadOthers(offload.hooks, name))
+        offload.hooks[name] = _offload_component(getattr(parts, name), device, offload.hooks)
     return offload
 
 
@@ -149,11 +154,20 @@ def storage_dtype(name: str | None, compute_dtype):
     return dtype
 
 
+# Kept in the compute dtype: the input embedders (the text refiner among them), the output layer,
+# LoRA and avatar modules. Every linear layer of the blocks, their modulation included, is stored in
+# the storage dtype, as the official FP8 checkpoint does. (diffusers' own rule for this model also
+# keeps every module named "norm*", which keeps the blocks' modulation layers, a third of the DiT.)
+FULL_PRECISION_MODULES = ("^x_embedder", "^context_embedder", "^time_text_embed", "^norm_out", "^proj_out$", "lora_", "^avatar")
+
+
 def apply_weights_dtype(transformer, dtype, compute_dtype) -> None:
     """The DiT's linear and conv weights stored in `dtype`, each cast to compute_dtype for its own
-    forward only; norms, embedders and the output projection keep the compute dtype (diffusers' rule)."""
+    forward only (diffusers' layerwise casting)."""
     if dtype != compute_dtype:
-        transformer.enable_layerwise_casting(storage_dtype=dtype, compute_dtype=compute_dtype)
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(transformer, dtype, compute_dtype, skip_modules_pattern=FULL_PRECISION_MODULES)
 
 
 def weight_bytes(module) -> int:
