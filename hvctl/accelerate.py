@@ -369,6 +369,13 @@ class Accelerators:
         storage_dtype(self.weights_dtype, compute_dtype)
         parse_step_cache(self.step_cache)
 
+    def resolve_offload(self, r, model_dir, device, dtype) -> None:
+        """`--offload auto`: the least offload that the plan says fits --gpu-memory (else the GPU's)."""
+        if self.offload == "auto":
+            budget = r.gpu_memory * GIB if r.gpu_memory is not None else device_memory(device)
+            self.offload = choose_offload(make_plan(r, model_dir, device, dtype), budget) if budget else "none"
+        self.applied["offload"] = self.offload
+
     def load_device(self, device):
         """Where load_components puts the weights: the CPU when hooks will move them."""
         import torch
@@ -386,7 +393,7 @@ class Accelerators:
         self.applied["transformer_weight_bytes"] = weight_bytes(parts.transformer)
         kind, threshold = parse_step_cache(self.step_cache)
         cache = StepCache(parts.transformer, kind, threshold, steps) if kind != "none" else None
-        offload = apply_offload(parts, self.offload if self.offload != "auto" else "none", device)
+        offload = apply_offload(parts, self.offload, device)
         if self.compile:
             compile_blocks(parts.transformer)
         return offload, cache
@@ -400,3 +407,168 @@ def compile_blocks(transformer) -> None:
     except ImportError as e:
         raise HvctlError(f"--compile: torch.compile is unavailable here ({e})") from None
     transformer.compile_repeated_blocks(dynamic=False)
+
+
+# -- planning: peak memory and time per step, before any weights load --------------------------------
+
+GIB = 2**30
+# Live activations of the widest DiT block per token, in hidden widths: the residual stream and its
+# norm, q/k/v and their rotated copies, the attention output, the MLP's 4x input and activation.
+ACTIVATION_WIDTHS = 16
+# Live activations of a VAE decoder tile per output pixel and frame, in channels of its last stage.
+VAE_WIDTHS = 6
+# The share of the measured matmul throughput that a whole DiT step reaches (attention and small
+# ops run slower than one large matmul). An assumption until benchmarks/gpu_generate.py measures it.
+STEP_EFFICIENCY = 0.65
+# Operations per DiT block (projections, norms, modulation, rotary, attention, MLP, gates): each
+# costs at least one kernel launch on a GPU, one dispatch on a CPU, however small the model.
+OPS_PER_BLOCK = 60
+
+
+@dataclass
+class Plan:
+    """Estimated peak device memory per offload setting and time per step, for resolved settings."""
+
+    weights: dict  # component -> bytes as stored
+    activations: dict  # phase -> bytes
+    peaks: dict  # offload mode -> peak bytes
+    step_flops: float
+    matmul_flops_per_s: float
+    op_seconds: float  # the fixed cost of one small operation, measured
+    step_seconds: float
+
+    def fits(self, budget_bytes: float) -> list[str]:
+        return [mode for mode, peak in self.peaks.items() if peak <= budget_bytes]
+
+    def to_dict(self, gpu_memory_gib: float | None = None) -> dict:
+        gib = lambda b: round(b / GIB, 3)  # noqa: E731
+        out = {"weights_gib": {k: gib(v) for k, v in self.weights.items()},
+               "activations_gib": {k: gib(v) for k, v in self.activations.items()},
+               "peak_gib": {k: gib(v) for k, v in self.peaks.items()},
+               "step_tflop": round(self.step_flops / 1e12, 3), "matmul_tflop_per_s": round(self.matmul_flops_per_s / 1e12, 3),
+               "op_microseconds": round(self.op_seconds * 1e6, 1),
+               "seconds_per_step": round(self.step_seconds, 4)}
+        if gpu_memory_gib is not None:
+            out["gpu_memory_gib"] = gpu_memory_gib
+            out["fits"] = self.fits(gpu_memory_gib * GIB)
+        return out
+
+
+def measure_matmul_flops(device, dtype, width: int, tokens: int) -> float:
+    """FLOP/s of this device on the DiT's own matmul shape (tokens x width x 4 width), measured in
+    about a second (a GPU: up to 8192 tokens after a warm-up; a CPU: a smaller, single product)."""
+    import time
+
+    import torch
+
+    if device.type != "cuda":
+        width, tokens = min(width, 1024), 128
+    tokens = min(tokens, 8192)
+    a = torch.randn(tokens, width, device=device, dtype=dtype)
+    b = torch.randn(width, 4 * width, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        a @ b
+        sync()
+    runs, start = 0, time.perf_counter()
+    while runs < 1 or (device.type == "cuda" and time.perf_counter() - start < 0.3):
+        a @ b
+        runs += 1
+    sync()
+    return 2 * tokens * width * 4 * width * runs / (time.perf_counter() - start)
+
+
+def measure_op_seconds(device, dtype) -> float:
+    """The time of one small operation on this device: the floor under every op of a block
+    (the median of five rounds, so that a busy moment does not count)."""
+    import time
+
+    import torch
+
+    x = torch.randn(64, 64, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rounds = []
+    for _ in range(6):
+        sync()
+        start = time.perf_counter()
+        for _ in range(20):
+            x = torch.nn.functional.silu(x @ x * 1e-3)
+        sync()
+        rounds.append((time.perf_counter() - start) / 60)  # three ops per iteration
+    return sorted(rounds[1:])[2]
+
+
+def make_plan(r, model_dir, device, dtype) -> Plan:
+    """The plan for a resolved generate recipe on `device`, from the model's configs alone."""
+    import torch
+
+    from hvctl.models.info import meta_component
+    from hvctl.models.loading import ModelFolder, quiet_libraries
+    from hvctl.models.vae import latent_shape
+
+    quiet_libraries()
+    folder = ModelFolder.open(model_dir)
+    weights, modules = {}, {}
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        module = meta_component(folder, name).to(dtype)
+        if name == "transformer":
+            apply_weights_dtype(module, storage_dtype(r.weights_dtype, dtype), dtype)
+        weights[name], modules[name] = weight_bytes(module), module
+    config = modules["transformer"].config
+    vae = folder.component_config("vae")
+    channels, frames, height, width = latent_shape(vae, config.in_channels, r.frames, r.height, r.width)
+    video_tokens = frames // config.patch_size_t * (height // config.patch_size) * (width // config.patch_size)
+    tokens = video_tokens + r.text_len
+    hidden = config.num_attention_heads * config.attention_head_dim
+    passes = 2 if r.guidance_scale > 1 and not getattr(r, "cfg_parallel", False) else 1
+    element = torch.finfo(dtype).bits // 8
+    blocks = [*modules["transformer"].transformer_blocks, *modules["transformer"].single_transformer_blocks]
+    block_params = sum(p.numel() for b in blocks for p in b.parameters())
+    # Linear layers: 2 FLOPs per weight per token; attention: QK^T and AV, 2 * 2 * N^2 * D per block.
+    step_flops = passes * (2 * block_params * tokens + 4 * tokens**2 * hidden * len(blocks))
+    throughput = measure_matmul_flops(device, dtype, hidden, tokens)
+    op_seconds = measure_op_seconds(device, dtype)
+    # The embedders, the text refiner and the output layer count as a few more blocks.
+    step_seconds = step_flops / (throughput * STEP_EFFICIENCY) + passes * (len(blocks) + 4) * OPS_PER_BLOCK * op_seconds
+
+    tile = r.vae_tile_size if r.vae_tiling is not False else max(r.height, r.width)
+    tile_frames = min(r.frames, 65)  # diffusers decodes long videos in chunks of 16 latent frames
+    activations = {
+        "denoise": passes * tokens * hidden * element * ACTIVATION_WIDTHS,
+        "decode": vae["block_out_channels"][0] * tile_frames * min(tile, r.height) * min(tile, r.width) * element * VAE_WIDTHS,
+        "encode_text": r.text_len * modules["text_encoder"].config.hidden_size * element * ACTIVATION_WIDTHS,
+    }
+    block_bytes = max(weight_bytes(b) for b in blocks)
+    largest_leaf = max(weight_bytes(m) for module in modules.values() for m in module.modules()
+                       if not list(m.children()))
+    dit_rest = weights["transformer"] - sum(weight_bytes(b) for b in blocks)
+    text = weights["text_encoder"] + weights["text_encoder_2"]
+    peaks = {
+        # none: every component resident until the text encoders leave after encoding
+        "none": max(sum(weights.values()) + activations["encode_text"],
+                    weights["transformer"] + weights["vae"] + max(activations["denoise"], activations["decode"])),
+        "model": max(weights["text_encoder"] + activations["encode_text"], weights["transformer"] + activations["denoise"],
+                     weights["vae"] + activations["decode"], text),
+        # group: the DiT's own small modules, the running block and the one prefetched
+        "group": max(weights["text_encoder"] + activations["encode_text"],
+                     dit_rest + 2 * block_bytes + activations["denoise"], weights["vae"] + activations["decode"]),
+        "sequential": largest_leaf + max(activations.values()),
+    }
+    return Plan(weights, activations, peaks, step_flops, throughput, op_seconds, step_seconds)
+
+
+def device_memory(device) -> float | None:
+    """Total memory of a CUDA device in bytes; None on the CPU."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def choose_offload(plan: Plan, budget_bytes: float | None) -> str:
+    """`--offload auto`: the least offload whose estimated peak fits (none on the CPU)."""
+    if budget_bytes is None:
+        return "none"
+    for mode in ("none", "model", "group", "sequential"):
+        if plan.peaks[mode] <= budget_bytes:
+            return mode
+    return "sequential"

@@ -85,6 +85,8 @@ def generate(
     weights_dtype: Optional[str] = typer.Option(None, "--weights-dtype", help="Store the DiT's weights in this dtype, e.g. float8_e4m3fn (half of bf16); computed in --dtype."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Regional torch.compile of the DiT's blocks (compile time reported apart)."),
     step_cache: Optional[str] = typer.Option(None, "--step-cache", metavar="none|teacache:T|fbc:T", help="Skip DiT passes whose first block barely changed (T=0: never)."),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", metavar="GIB", help="GPU memory to plan for (--plan, --offload auto). Default: the GPU's."),
+    plan: bool = typer.Option(False, "--plan", help="Print the estimated peak GPU memory per offload setting and time per step; sample nothing."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML generate recipe; flags override it."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
@@ -98,9 +100,15 @@ def _run_generate(options: dict) -> None:
     from hvctl.generate import GenerateRecipe, generate as run_generate
     from hvctl.recipe import load_recipe
 
-    flags = {k: v for k, v in options.items() if k not in ("recipe", "overrides", "as_json")}
+    flags = {k: v for k, v in options.items() if k not in ("recipe", "overrides", "as_json", "plan")}
     flags["lora"] = flags.get("lora") or None
     config = load_recipe(GenerateRecipe, options["recipe"], options["overrides"] or (), values=flags)
+    if options.get("plan"):
+        from hvctl.generate import plan
+
+        result = plan(config)
+        emit(result, options["as_json"], _plan_text(result))
+        return
     processes = config.ulysses_degree * config.ring_degree
     from hvctl.parallel import under_torchrun
 
@@ -114,6 +122,16 @@ def _run_generate(options: dict) -> None:
     if result is None:  # not rank 0
         return
     emit(result, as_json, "\n".join(f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]))
+
+
+def _plan_text(result: dict) -> str:
+    lines = [f"plan on {result['device']}: {result['seconds_per_step']} s per step "
+             f"({result['step_tflop']} TFLOP at {result['matmul_tflop_per_s']} TFLOP/s measured on matmuls)",
+             "weights GiB: " + ", ".join(f"{k} {v}" for k, v in result["weights_gib"].items()),
+             "estimated peak GiB by --offload: " + ", ".join(f"{k} {v}" for k, v in result["peak_gib"].items())]
+    if "fits" in result:
+        lines.append(f"fits {result['gpu_memory_gib']} GiB: " + (", ".join(result["fits"]) or "none of them"))
+    return "\n".join(lines)
 
 
 def i2v(image: Path, i2v_stability: Optional[bool] = None, **options):

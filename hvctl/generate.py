@@ -9,6 +9,7 @@ from its sidecar.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -59,6 +60,7 @@ class GenerateRecipe:
     weights_dtype: str | None = None  # the DiT's stored weights, e.g. float8_e4m3fn; None: the compute dtype
     compile: bool = False  # regional torch.compile of the DiT's blocks
     step_cache: str = "none"  # none, teacache:T or fbc:T
+    gpu_memory: float | None = None  # GiB that --offload auto and --plan plan for; None: the GPU's own
 
 
 def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True) -> GenerateRecipe:
@@ -71,6 +73,8 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
         raise HvctlError("no prompt given (pass PROMPT or set 'prompt' in the recipe)")
     if r.frames < 1 or (r.frames - 1) % 4:
         raise HvctlError(f"--frames must be 4k+1 (1, 5, 9, 13, 17, ...), got {r.frames}")
+    if r.gpu_memory is not None and not (math.isfinite(r.gpu_memory) and r.gpu_memory > 0):
+        raise HvctlError(f"--gpu-memory must be a positive number of GiB, got {r.gpu_memory}")
     for name in ("height", "width"):
         value = getattr(r, name)
         if value <= 0 or value % 16:
@@ -143,6 +147,7 @@ class TextToVideo:
         self.r = r
         self.accelerators = Accelerators.from_recipe(r)
         self.accelerators.check(device, dtype)
+        self.accelerators.resolve_offload(r, model_dir, device, dtype)
         self.parts = load_components(model_dir, dtype=dtype, device=self.accelerators.load_device(device))
         if r.lora:
             from hvctl.lora import load_loras, parse_lora_spec
@@ -277,6 +282,19 @@ def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     r.model, r.device, r.dtype = model_dir, str(device), str(dtype).removeprefix("torch.")
     return r, model_dir
+
+
+def plan(recipe: GenerateRecipe) -> dict:
+    """`hvctl generate --plan`: estimated peak GPU memory per offload setting and time per step,
+    from the model's configs and a short matmul probe of the device; nothing is sampled."""
+    from hvctl.accelerate import GIB, Accelerators, device_memory, make_plan
+
+    r, model_dir = prepare(recipe)
+    device, dtype = resolve_device_dtype(r.device, r.dtype)
+    Accelerators.from_recipe(r).check(device, dtype)
+    budget = r.gpu_memory if r.gpu_memory is not None else (device_memory(device) or 0) / GIB or None
+    return {"settings": _settings_dict(r), "device": str(device),
+            **make_plan(r, model_dir, device, dtype).to_dict(round(budget, 2) if budget else None)}
 
 
 def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning=None) -> dict | None:

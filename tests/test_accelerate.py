@@ -275,3 +275,48 @@ def test_compile_equals_eager(tiny_model, plain):
     assert torch.allclose(compiled, reference, atol=1e-4, rtol=0), (compiled - reference).abs().max()
     assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None
                for b in t2v.parts.transformer.transformer_blocks)
+
+
+# -- plan -------------------------------------------------------------------------------------------
+
+
+def test_plan_matches_a_measured_tiny_run(tiny_model):
+    """The plan's weights are the loaded bytes exactly; its time per step is within 3x of the
+    measured median step on this shared 2-core CPU (tiny models: the per-op floor dominates)."""
+    import time
+
+    from hvctl.accelerate import make_plan
+
+    t2v = t2v_for(tiny_model)
+    plan = make_plan(t2v.r, t2v.r.model, torch.device("cpu"), torch.float32)
+    for name, expected in plan.weights.items():
+        assert expected == sum(p.numel() * p.element_size() for p in getattr(t2v.parts, name).parameters()), name
+    ticks = [time.perf_counter()]
+    t2v.latents([3], on_step=lambda _: ticks.append(time.perf_counter()))
+    steps = sorted(b - a for a, b in zip(ticks[1:], ticks[2:]))  # the first step warms up
+    measured = steps[len(steps) // 2]
+    assert measured / 3 < plan.step_seconds < measured * 3, (plan.step_seconds, measured)
+    assert plan.peaks["sequential"] < plan.peaks["group"] <= plan.peaks["model"] <= plan.peaks["none"]
+
+
+def test_plan_cli_and_offload_auto_follow_the_memory_budget(tiny_model, tmp_path):
+    result = run_cli("generate", "x", "-m", tiny_model, "--plan", "--gpu-memory", "0.02", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert set(plan["peak_gib"]) == {"none", "model", "group", "sequential"} and plan["seconds_per_step"] > 0
+    assert plan["fits"] == [m for m, peak in plan["peak_gib"].items() if peak <= 0.02]
+    assert not list(tmp_path.iterdir())  # --plan samples and writes nothing
+    # --offload auto takes the least offload that fits the budget.
+    from hvctl.accelerate import GIB, make_plan
+
+    t2v = t2v_for(tiny_model)
+    peaks = make_plan(t2v.r, t2v.r.model, torch.device("cpu"), torch.float32).peaks
+    budget = (peaks["model"] + peaks["none"]) / 2 / GIB  # none does not fit, model does
+    assert t2v_for(tiny_model, offload="auto", gpu_memory=budget).accelerators.applied["offload"] == "model"
+    assert t2v_for(tiny_model, offload="auto").accelerators.applied["offload"] == "none"  # a CPU: nothing to save
+
+
+def test_bad_gpu_memory_is_one_line(tiny_model):
+    result = run_cli("generate", "x", "-m", tiny_model, "--plan", "--gpu-memory", "-3")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == ["error: --gpu-memory must be a positive number of GiB, got -3.0"]
