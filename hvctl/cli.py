@@ -79,6 +79,7 @@ def generate(
     text_len: Optional[int] = typer.Option(None, "--text-len", help="Maximum prompt length in LLM tokens."),
     ulysses_degree: Optional[int] = typer.Option(None, "--ulysses-degree", help="Sequence parallelism: Ulysses processes."),
     ring_degree: Optional[int] = typer.Option(None, "--ring-degree", help="Sequence parallelism: ring-attention processes."),
+    cfg_parallel: Optional[bool] = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="True CFG's two passes on two processes (x the sequence-parallel ones)."),
     lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers or kohya format)."),
     attention: Optional[str] = typer.Option(None, help="Attention kernel: auto (fastest installed), sdpa, flash, flash3, sage or native (torch's math reference)."),
     offload: Optional[str] = typer.Option(None, help="none, model (each component on the GPU only while used), group (the DiT's blocks streamed), sequential (per module; least memory) or auto (the least that fits)."),
@@ -109,11 +110,14 @@ def _run_generate(options: dict) -> None:
         result = plan(config)
         emit(result, options["as_json"], _plan_text(result))
         return
-    processes = config.ulysses_degree * config.ring_degree
+    processes = config.ulysses_degree * config.ring_degree * (2 if config.cfg_parallel else 1)
     from hvctl.parallel import under_torchrun
 
     if processes > 1 and not under_torchrun():
+        from hvctl.generate import prepare
         from hvctl.parallel import launch
+
+        prepare(config)  # bad settings are one line here, not one per process
 
         launch(sys.argv[1:], processes)  # each process runs this same command; rank 0 writes
         return

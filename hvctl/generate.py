@@ -50,6 +50,7 @@ class GenerateRecipe:
     vae_tile_stats: Literal["frame", "tile"] = "frame"  # GroupNorm statistics of a tile: the whole frame's, or its own
     ulysses_degree: int = 1  # sequence-parallel inference over ulysses_degree x ring_degree processes
     ring_degree: int = 1
+    cfg_parallel: bool = False  # true CFG's two passes on two processes (times ulysses x ring)
     rewrite: RewriteRecipe | None = None  # rewrite the prompt first (hvctl/rewrite.py); None: as written
     lora: list[str] = field(default_factory=list)  # LoRA files, each FILE or FILE:SCALE (diffusers or kohya format)
     image: Path | None = None  # image-to-video: the first frame (hvctl i2v); needs an i2v model
@@ -84,6 +85,12 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
             raise HvctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(r, name)}")
     if r.guidance_scale < 1:
         raise HvctlError(f"--guidance-scale must be >= 1 (1 turns classifier-free guidance off), got {r.guidance_scale}")
+    if r.cfg_parallel and r.guidance_scale <= 1:
+        raise HvctlError("--cfg-parallel runs the conditional and unconditional passes of true classifier-free guidance "
+                         f"on two processes: it needs --guidance-scale > 1 (got {r.guidance_scale:g})")
+    if r.step_cache != "none" and r.ulysses_degree * r.ring_degree > 1:
+        raise HvctlError("--step-cache with sequence parallelism: each rank would decide on its own shard; "
+                         "use one of them, or --cfg-parallel")
     if guidance_embeds and r.embedded_guidance is None:
         r.embedded_guidance = 6.0
     if not guidance_embeds and recipe.embedded_guidance is not None:
@@ -315,13 +322,14 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
             on_warning(rewritten["warning"])
         r.prompt = rewritten["rewritten"]
     device, dtype = resolve_device_dtype(r.device, r.dtype)
-    parallel = sequence_parallel_inference(r.ulysses_degree, r.ring_degree, device)
+    parallel = sequence_parallel_inference(r.ulysses_degree, r.ring_degree, device, cfg=2 if r.cfg_parallel else 1)
     if parallel is not None:
         device, r.seed = parallel.device, parallel.agree(r.seed)  # a random seed: rank 0's
     paths = output_paths(r)
     t2v = TextToVideo(model_dir, r, device, dtype, parallel_later=parallel is not None)
     if parallel is not None:
         parallel.apply(t2v.parts.transformer)
+        t2v.sampler.cfg_group = parallel.cfg_group
         t2v.accelerate()
     main = parallel is None or parallel.ranks.is_main
     model = {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}

@@ -425,17 +425,19 @@ def parallelize(model, ranks: Ranks, device_type: str, cfg, *, param_dtype=None)
 
 
 class SequenceParallelInference:
-    """One process of a sequence-parallel generation: its rank, device and mesh."""
+    """One process of a parallel generation: its rank, device and mesh. The mesh's "data"
+    dimension carries CFG parallelism (cfg = 2: the two guidance passes on two process groups)."""
 
-    def __init__(self, ulysses: int, ring: int, device):
+    def __init__(self, ulysses: int, ring: int, device, cfg: int = 1):
         import torch
 
         self.ranks = init_distributed(device.type)
-        if self.ranks.world_size != ulysses * ring:
-            raise HvctlError(f"--ulysses-degree {ulysses} x --ring-degree {ring} needs {ulysses * ring} processes, "
-                             f"this run has {self.ranks.world_size}")
+        if self.ranks.world_size != ulysses * ring * cfg:
+            raise HvctlError(f"--ulysses-degree {ulysses} x --ring-degree {ring}" + (" x 2 (--cfg-parallel)" if cfg > 1 else "")
+                             + f" needs {ulysses * ring * cfg} processes, this run has {self.ranks.world_size}")
         self.device = torch.device("cuda", self.ranks.local_rank) if device.type == "cuda" else device
         self.mesh = build_mesh(self.ranks, device.type, ring=ring, ulysses=ulysses)
+        self.cfg_group = self.mesh["data"].get_group() if cfg > 1 else None
 
     def agree(self, value):
         """Rank 0's value on every rank (a seed drawn at random, say)."""
@@ -452,14 +454,14 @@ class SequenceParallelInference:
         shutdown(self.ranks)
 
 
-def sequence_parallel_inference(ulysses: int, ring: int, device) -> SequenceParallelInference | None:
+def sequence_parallel_inference(ulysses: int, ring: int, device, cfg: int = 1) -> SequenceParallelInference | None:
     """None when the degrees ask for one process; else this process's part (run under torchrun)."""
-    if ulysses * ring == 1:
+    if ulysses * ring * cfg == 1:
         return None
     if not under_torchrun():
-        raise HvctlError(f"sequence-parallel generation runs under torchrun with {ulysses * ring} processes "
+        raise HvctlError(f"parallel generation runs under torchrun with {ulysses * ring * cfg} processes "
                          "(`hvctl generate` starts them itself)")
-    return SequenceParallelInference(ulysses, ring, device)
+    return SequenceParallelInference(ulysses, ring, device, cfg)
 
 
 # -- runtime-balanced batching (Seaweed) ------------------------------------------------------
