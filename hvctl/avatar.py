@@ -451,9 +451,9 @@ class AvatarGenerator:
         if "reference" in model and "reference" not in names:
             raise HvctlError("this avatar model animates a reference image: give REF_IMAGE")
 
-    def latents(self, seeds: list[int], inputs: dict, prompts: list[str] | None = None, on_step=None):
+    def latents(self, seeds: list[int], inputs: dict, prompts: list[str] | None = None, on_step=None, conditions=None):
         denoiser = WindowedDenoiser(self.t2v.parts.transformer, inputs, self.window, self.overlap, self.r.condition_guidance)
-        conditions = self.t2v.conditions(prompts or [self.r.prompt] * len(seeds))
+        conditions = conditions or self.t2v.conditions(prompts or [self.r.prompt] * len(seeds))
         return self.t2v.latents(seeds, conditions, on_step=on_step, denoiser=denoiser)
 
 
@@ -471,8 +471,10 @@ def avatar(recipe: AvatarRecipe, *, progress: bool | None = None) -> dict:
     from hvctl.video import read_audio, write_video
 
     started = time.perf_counter()
-    if recipe.ulysses_degree * recipe.ring_degree > 1 or recipe.image is not None:
-        raise HvctlError("avatar: sequence-parallel inference and --image are not supported; the reference is REF_IMAGE")
+    if recipe.ulysses_degree * recipe.ring_degree > 1 or recipe.cfg_parallel or recipe.image is not None:
+        raise HvctlError("avatar: parallel inference and --image are not supported; the reference is REF_IMAGE")
+    if recipe.step_cache != "none":  # a skipped pass would add the conditioners' block residuals twice
+        raise HvctlError("avatar: --step-cache does not apply to avatar models (their conditioners act inside the blocks)")
     files = {name: getattr(recipe, name) for name in (*CONDITIONS, *MASKS) if getattr(recipe, name) is not None}
     model_dir, defaults = prepare_model(recipe.model or default_avatar_model_dir())
     config = read_avatar_config(model_dir)
@@ -492,8 +494,10 @@ def avatar(recipe: AvatarRecipe, *, progress: bool | None = None) -> dict:
         conditions["audio"] = generator.encode.audio(audio, r.fps, r.frames)
     inputs = batch_inputs([conditions], device)
     loaded = time.perf_counter()
+    text = generator.t2v.conditions([r.prompt])
+    generator.t2v.release_text_encoders()
     with progress_bar(r.steps, "avatar", enabled=progress) as advance:
-        latents = generator.latents([r.seed], inputs, on_step=lambda _: advance())
+        latents = generator.latents([r.seed], inputs, on_step=lambda _: advance(), conditions=text)
     video = generator.t2v.frames(latents)[0]
     if audio is not None:
         audio = (audio[:int(round(r.frames / r.fps * AUDIO_RATE))], AUDIO_RATE)

@@ -79,8 +79,16 @@ def generate(
     text_len: Optional[int] = typer.Option(None, "--text-len", help="Maximum prompt length in LLM tokens."),
     ulysses_degree: Optional[int] = typer.Option(None, "--ulysses-degree", help="Sequence parallelism: Ulysses processes."),
     ring_degree: Optional[int] = typer.Option(None, "--ring-degree", help="Sequence parallelism: ring-attention processes."),
+    cfg_parallel: Optional[bool] = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="True CFG's two passes on two processes (x the sequence-parallel ones)."),
     lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers, musubi/kohya, ComfyUI or official I2V format)."),
     replay: Optional[Path] = typer.Option(None, "--replay", metavar="VIDEO.json", help="Make a video again from its sidecar (its settings, seed and prompt); flags override them."),
+    attention: Optional[str] = typer.Option(None, help="Attention kernel: auto (fastest installed), sdpa, flash, flash3, sage or native (torch's math reference)."),
+    offload: Optional[str] = typer.Option(None, help="none, model (each component on the GPU only while used), group (the DiT's blocks streamed), sequential (per module; least memory) or auto (the least that fits)."),
+    weights_dtype: Optional[str] = typer.Option(None, "--weights-dtype", help="Store the DiT's weights in this dtype, e.g. float8_e4m3fn (half of bf16); computed in --dtype."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Regional torch.compile of the DiT's blocks (compile time reported apart)."),
+    step_cache: Optional[str] = typer.Option(None, "--step-cache", metavar="none|teacache:T|fbc:T", help="Skip DiT passes whose first block barely changed (T=0: never)."),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", metavar="GIB", help="GPU memory to plan for (--plan, --offload auto). Default: the GPU's."),
+    plan: bool = typer.Option(False, "--plan", help="Print the estimated peak GPU memory per offload setting and time per step; sample nothing."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML generate recipe; flags override it."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
@@ -91,20 +99,27 @@ def generate(
 
 def _run_generate(options: dict) -> None:
     """generate and i2v: the flags over the recipe, then one process or torchrun."""
-    from hvctl.generate import GenerateRecipe, generate as run_generate
+    from hvctl.generate import GenerateRecipe, generate as run_generate, replay_layer
     from hvctl.recipe import load_recipe
 
-    from hvctl.generate import replay_layer
-
-    flags = {k: v for k, v in options.items() if k not in ("recipe", "overrides", "as_json", "replay")}
+    flags = {k: v for k, v in options.items() if k not in ("recipe", "overrides", "as_json", "replay", "plan")}
     flags["lora"] = flags.get("lora") or None
     base = replay_layer(options["replay"], "generate") if options.get("replay") else None
     config = load_recipe(GenerateRecipe, options["recipe"], options["overrides"] or (), values=flags, base=base)
-    processes = config.ulysses_degree * config.ring_degree
+    if options.get("plan"):
+        from hvctl.generate import plan
+
+        result = plan(config)
+        emit(result, options["as_json"], _plan_text(result))
+        return
+    processes = config.ulysses_degree * config.ring_degree * (2 if config.cfg_parallel else 1)
     from hvctl.parallel import under_torchrun
 
     if processes > 1 and not under_torchrun():
+        from hvctl.generate import prepare
         from hvctl.parallel import launch
+
+        prepare(config)  # bad settings are one line here, not one per process
 
         launch(sys.argv[1:], processes)  # each process runs this same command; rank 0 writes
         return
@@ -114,6 +129,16 @@ def _run_generate(options: dict) -> None:
         return
     loras = [f"LoRA {x['path']}: {x['format']} format, {x['modules']} modules" for x in result.get("loras", [])]
     emit(result, as_json, "\n".join(loras + [f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]]))
+
+
+def _plan_text(result: dict) -> str:
+    lines = [f"plan on {result['device']}: {result['seconds_per_step']} s per step "
+             f"({result['step_tflop']} TFLOP at {result['matmul_tflop_per_s']} TFLOP/s measured on matmuls)",
+             "weights GiB: " + ", ".join(f"{k} {v}" for k, v in result["weights_gib"].items()),
+             "estimated peak GiB by --offload: " + ", ".join(f"{k} {v}" for k, v in result["peak_gib"].items())]
+    if "fits" in result:
+        lines.append(f"fits {result['gpu_memory_gib']} GiB: " + (", ".join(result["fits"]) or "none of them"))
+    return "\n".join(lines)
 
 
 def i2v(image: Optional[Path] = None, i2v_stability: Optional[bool] = None, **options):
@@ -161,6 +186,11 @@ def avatar_command(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
     lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers, musubi/kohya, ComfyUI or official I2V format)."),
     replay: Optional[Path] = typer.Option(None, "--replay", metavar="VIDEO.json", help="Make a video again from its sidecar; flags override its settings."),
+    attention: Optional[str] = typer.Option(None, help="Attention kernel: auto (fastest installed), sdpa, flash, flash3, sage or native (torch's math reference)."),
+    offload: Optional[str] = typer.Option(None, help="none, model (each component on the GPU only while used), group (the DiT's blocks streamed), sequential (per module; least memory) or auto (the least that fits)."),
+    weights_dtype: Optional[str] = typer.Option(None, "--weights-dtype", help="Store the DiT's weights in this dtype, e.g. float8_e4m3fn (half of bf16); computed in --dtype."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Regional torch.compile of the DiT's blocks (compile time reported apart)."),
+    step_cache: Optional[str] = typer.Option(None, "--step-cache", metavar="none|teacache:T|fbc:T", help="Skip DiT passes whose first block barely changed (T=0: never)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML avatar recipe; flags override it."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,

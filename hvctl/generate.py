@@ -9,6 +9,7 @@ from its sidecar.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -53,10 +54,18 @@ class GenerateRecipe:
     vae_tile_stats: Literal["frame", "tile"] = "frame"  # GroupNorm statistics of a tile: the whole frame's, or its own
     ulysses_degree: int = 1  # sequence-parallel inference over ulysses_degree x ring_degree processes
     ring_degree: int = 1
+    cfg_parallel: bool = False  # true CFG's two passes on two processes (times ulysses x ring)
     rewrite: RewriteRecipe | None = None  # rewrite the prompt first (hvctl/rewrite.py); None: as written
     lora: list[str] = field(default_factory=list)  # LoRA files, each FILE or FILE:SCALE (diffusers, musubi/kohya, ComfyUI or official I2V format)
     image: Path | None = None  # image-to-video: the first frame (hvctl i2v); needs an i2v model
     i2v_stability: bool = True  # start from 0.999 noise + 0.001 image latent (official --i2v-stability)
+    # Inference accelerators (hvctl/accelerate.py)
+    attention: Literal["auto", "sdpa", "flash", "flash3", "sage", "native"] = "auto"
+    offload: Literal["none", "model", "group", "sequential", "auto"] = "none"
+    weights_dtype: str | None = None  # the DiT's stored weights, e.g. float8_e4m3fn; None: the compute dtype
+    compile: bool = False  # regional torch.compile of the DiT's blocks
+    step_cache: str = "none"  # none, teacache:T or fbc:T
+    gpu_memory: float | None = None  # GiB that --offload auto and --plan plan for; None: the GPU's own
 
 
 def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True) -> GenerateRecipe:
@@ -74,6 +83,8 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
             check_lora_spec(spec)
     if r.frames < 1 or (r.frames - 1) % 4:
         raise HvctlError(f"--frames must be 4k+1 (1, 5, 9, 13, 17, ...), got {r.frames}")
+    if r.gpu_memory is not None and not (math.isfinite(r.gpu_memory) and r.gpu_memory > 0):
+        raise HvctlError(f"--gpu-memory must be a positive number of GiB, got {r.gpu_memory}")
     for name in ("height", "width"):
         value = getattr(r, name)
         if value <= 0 or value % 16:
@@ -83,6 +94,12 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
             raise HvctlError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(r, name)}")
     if r.guidance_scale < 1:
         raise HvctlError(f"--guidance-scale must be >= 1 (1 turns classifier-free guidance off), got {r.guidance_scale}")
+    if r.cfg_parallel and r.guidance_scale <= 1:
+        raise HvctlError("--cfg-parallel runs the conditional and unconditional passes of true classifier-free guidance "
+                         f"on two processes: it needs --guidance-scale > 1 (got {r.guidance_scale:g})")
+    if r.step_cache != "none" and r.ulysses_degree * r.ring_degree > 1:
+        raise HvctlError("--step-cache with sequence parallelism: each rank would decide on its own shard; "
+                         "use one of them, or --cfg-parallel")
     if guidance_embeds and r.embedded_guidance is None:
         r.embedded_guidance = 6.0
     if not guidance_embeds and recipe.embedded_guidance is not None:
@@ -141,20 +158,25 @@ class TextToVideo:
     gives what separate runs give (up to float rounding).
     """
 
-    def __init__(self, model_dir: Path, r: GenerateRecipe, device, dtype):
+    def __init__(self, model_dir: Path, r: GenerateRecipe, device, dtype, parallel_later: bool = False):
+        from hvctl.accelerate import Accelerators
         from hvctl.models.loading import load_components
         from hvctl.models.text import ImagePromptEncoder, PromptEncoder
         from hvctl.models.vae import configure_tiling, latent_shape
         from hvctl.sampling import FlowMatchEulerSampler
 
         self.r = r
-        self.parts = load_components(model_dir, dtype=dtype, device=device)
+        self.accelerators = Accelerators.from_recipe(r)
+        self.accelerators.check(device, dtype)
+        self.accelerators.resolve_offload(r, model_dir, device, dtype)
+        self.parts = load_components(model_dir, dtype=dtype, device=self.accelerators.load_device(device))
         self.loras = []  # what each LoRA file was read as
         if r.lora:
             from hvctl.lora import load_loras, parse_lora_spec
 
             self.loras = load_loras(self.parts.transformer, [parse_lora_spec(spec) for spec in r.lora])
         self.device = device
+        self.offload = self.step_cache = None
         kind = condition_type(self.parts.transformer)
         if kind is not None and r.image is None:
             raise HvctlError(f"{model_dir} is an image-to-video model ({kind}): give it an image (hvctl i2v IMAGE PROMPT)")
@@ -170,6 +192,29 @@ class TextToVideo:
         configure_tiling(self.parts.vae, r.vae_tiling, r.vae_tile_size, r.vae_tile_stats)
         channels = latent_channels(self.parts.transformer)
         self.latent_shape = latent_shape(self.parts.vae.config, channels, r.frames, r.height, r.width)
+        if not parallel_later:
+            self.accelerate()
+
+    def accelerate(self) -> None:
+        """Apply the recipe's accelerators (after any sequence-parallel processors: they share the attention choice)."""
+        self.offload, self.step_cache = self.accelerators.apply(self.parts, self.device, self.parts.transformer.dtype, self.r.steps)
+
+    def run_report(self, ticks: list[float]) -> dict:
+        """What the accelerators did for the last video, and its step times (ticks: its start, then each step's end)."""
+        steps = [b - a for a, b in zip(ticks, ticks[1:])]
+        later = sorted(steps[1:]) or steps
+        report = {"accelerators": dict(self.accelerators.applied), "step_seconds": {
+            "first": round(steps[0], 4), "median_after_first": round(later[len(later) // 2], 4)}}
+        if self.accelerators.compile:  # the first step compiles the blocks
+            report["step_seconds"]["compile"] = round(max(0.0, steps[0] - later[len(later) // 2]), 4)
+        if self.step_cache is not None:
+            report["step_cache"] = self.step_cache.summary()
+        return report
+
+    def release_text_encoders(self) -> None:
+        """The prompts are encoded: the text encoders leave the GPU."""
+        if self.offload is not None:
+            self.offload.release_text_encoders()
 
     def conditions(self, prompts: list[str], images: list | None = None):
         """Text conditions for `prompts`; for an i2v model, `images` ([H, W, 3] uint8, one per
@@ -219,6 +264,8 @@ class TextToVideo:
         noise = noise.to(self.device)
         if conditions.image is not None:
             noise = conditions.image.initial(noise, self.r.i2v_stability)
+        if self.step_cache is not None:
+            self.step_cache.reset()
         return self.sampler(denoiser or self.parts.transformer, noise, conditions, on_step=on_step)
 
     def frames(self, latents):
@@ -304,6 +351,19 @@ def diffusers_settings(t2v: "TextToVideo", seed: int) -> dict:
             "latent_shape": [1, *t2v.latent_shape]}
 
 
+def plan(recipe: GenerateRecipe) -> dict:
+    """`hvctl generate --plan`: estimated peak GPU memory per offload setting and time per step,
+    from the model's configs and a short matmul probe of the device; nothing is sampled."""
+    from hvctl.accelerate import GIB, Accelerators, device_memory, make_plan
+
+    r, model_dir = prepare(recipe)
+    device, dtype = resolve_device_dtype(r.device, r.dtype)
+    Accelerators.from_recipe(r).check(device, dtype)
+    budget = r.gpu_memory if r.gpu_memory is not None else (device_memory(device) or 0) / GIB or None
+    return {"settings": _settings_dict(r), "device": str(device),
+            **make_plan(r, model_dir, device, dtype).to_dict(round(budget, 2) if budget else None)}
+
+
 def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning=None) -> dict | None:
     """Run a generate recipe; returns the JSON-able result (videos, sidecars, settings, timings).
     Sequence-parallel: every rank samples, rank 0 writes and returns; the others return None."""
@@ -322,25 +382,29 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
             on_warning(rewritten["warning"])
         r.prompt = rewritten["rewritten"]
     device, dtype = resolve_device_dtype(r.device, r.dtype)
-    parallel = sequence_parallel_inference(r.ulysses_degree, r.ring_degree, device)
+    parallel = sequence_parallel_inference(r.ulysses_degree, r.ring_degree, device, cfg=2 if r.cfg_parallel else 1)
     if parallel is not None:
         device, r.seed = parallel.device, parallel.agree(r.seed)  # a random seed: rank 0's
     paths = output_paths(r)
-    t2v = TextToVideo(model_dir, r, device, dtype)
+    t2v = TextToVideo(model_dir, r, device, dtype, parallel_later=parallel is not None)
     if on_warning and (n := t2v.encode.prompt_tokens(r.prompt)) > r.text_len:
         on_warning(f"the prompt is {n} tokens long; only the first {r.text_len} are used (--text-len)")
     if parallel is not None:
         parallel.apply(t2v.parts.transformer)
+        t2v.sampler.cfg_group = parallel.cfg_group
+        t2v.accelerate()
     main = parallel is None or parallel.ranks.is_main
     model = {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}
     loaded = time.perf_counter()
 
     conditions = t2v.conditions([r.prompt])  # encoded once for every video
+    t2v.release_text_encoders()
     videos = []
     for i, path in enumerate(paths):
         seed, t0 = r.seed + i, time.perf_counter()
+        ticks = [t0]
         with progress_bar(r.steps, f"video {i + 1}/{len(paths)}", enabled=progress if main else False) as advance:
-            latents = t2v.latents([seed], conditions, on_step=lambda _: advance())
+            latents = t2v.latents([seed], conditions, on_step=lambda _: (advance(), ticks.append(time.perf_counter())))
         if not main:  # rank 0 alone decodes and writes
             continue
         frames = t2v.frames(latents)[0]
@@ -360,8 +424,9 @@ def generate(recipe: GenerateRecipe, *, progress: bool | None = None, on_warning
             "video": {"path": path.name, "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                       "width": int(frames.shape[2]), "fps": r.fps},
             "seconds": round(time.perf_counter() - t0, 3),
+            **t2v.run_report(ticks),
         })
-        videos.append({"path": str(path), "sidecar": str(sidecar), "seed": seed})
+        videos.append({"path": str(path), "sidecar": str(sidecar), "seed": seed, **t2v.run_report(ticks)})
     if parallel is not None:
         parallel.close()
     if not main:

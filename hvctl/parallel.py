@@ -205,15 +205,16 @@ def _send_receive(x, group, step: int):
     return received
 
 
-def joint_attention(video_qkv, text_qkv, text_mask, ulysses=None, ring=None):
+def joint_attention(video_qkv, text_qkv, text_mask, ulysses=None, ring=None, backend=None):
     """Attention of video and text queries over all video and (unpadded) text keys.
 
     video_qkv: this rank's shard of the video queries, keys, values, each (B, N/S, H, d);
     text_qkv: the whole text's, each (B, L, H, d); text_mask: (B, L) bool. Returns (video
     output shard (B, N/S, H, d), text output (B, L, H, d)); with no groups, plain attention.
+    Without ring, the attention is diffusers' dispatcher's `backend` (None: its default), the
+    kernel that --attention chose; ring attention merges blocks by their log-sum-exp itself.
     """
     import torch
-    import torch.nn.functional as F
     import torch.distributed._functional_collectives as funcol
 
     length = text_qkv[0].shape[1]
@@ -222,20 +223,23 @@ def joint_attention(video_qkv, text_qkv, text_mask, ulysses=None, ring=None):
         rank = ulysses.rank()
         video_qkv = [_seq_to_heads(t, ulysses) for t in video_qkv]
         text_qkv = [t[:, :, rank * heads:(rank + 1) * heads] for t in text_qkv]
-    q, k, v = (torch.cat([a, b], dim=1).transpose(1, 2) for a, b in zip(video_qkv, text_qkv))  # (B, H, N + L, d)
-    video_len = q.shape[2] - length
     if ring is None or ring.size() == 1:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        q, k, v = (torch.cat([a, b], dim=1) for a, b in zip(video_qkv, text_qkv))  # (B, N + L, H, d)
+        video_len = q.shape[1] - length
         mask = torch.cat([text_mask.new_ones(text_mask.shape[0], video_len), text_mask], dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        out = dispatch_attention_fn(q, k, v, attn_mask=mask[:, None, None, :], backend=backend)
     else:
+        q, k, v = (torch.cat([a, b], dim=1).transpose(1, 2) for a, b in zip(video_qkv, text_qkv))  # (B, H, N + L, d)
+        video_len = q.shape[2] - length
         out, lse = _attention_block(q, k[:, :, video_len:], v[:, :, video_len:], text_mask)
         block_k, block_v = k[:, :, :video_len], v[:, :, :video_len]
         for i in range(ring.size()):
             out, lse = _merge_blocks(out, lse, *_attention_block(q, block_k, block_v))
             if i < ring.size() - 1:
                 block_k, block_v = _ring_shift(block_k, ring), _ring_shift(block_v, ring)
-        out = out.to(q.dtype)
-    out = out.transpose(1, 2)  # (B, N + L, H, d)
+        out = out.to(q.dtype).transpose(1, 2)  # (B, N + L, H, d)
     video_out, text_out = out[:, :video_len], out[:, video_len:]
     if ulysses is not None and ulysses.size() > 1:
         video_out = _heads_to_seq(video_out, ulysses)
@@ -245,6 +249,8 @@ def joint_attention(video_qkv, text_qkv, text_mask, ulysses=None, ring=None):
 
 class SequenceParallelAttnProcessor:
     """HunyuanVideoAttnProcessor2_0's computation, with the attention itself over the sharded sequence."""
+
+    _attention_backend = None  # set by --attention (hvctl/accelerate.py), as on diffusers' processors
 
     def __init__(self, ulysses, ring):
         self.ulysses, self.ring = ulysses, ring
@@ -271,7 +277,8 @@ class SequenceParallelAttnProcessor:
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         text_mask = attention_mask[:, 0, 0, -length:] if attention_mask is not None else \
             torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device)
-        video_out, text_out = joint_attention((q, k, v), (text_q, text_k, text_v), text_mask, self.ulysses, self.ring)
+        video_out, text_out = joint_attention((q, k, v), (text_q, text_k, text_v), text_mask, self.ulysses, self.ring,
+                                              self._attention_backend)
         video_out, text_out = video_out.flatten(2, 3).to(q.dtype), text_out.flatten(2, 3).to(q.dtype)
         if getattr(attn, "to_out", None) is not None:
             video_out = attn.to_out[1](attn.to_out[0](video_out))
@@ -418,17 +425,19 @@ def parallelize(model, ranks: Ranks, device_type: str, cfg, *, param_dtype=None)
 
 
 class SequenceParallelInference:
-    """One process of a sequence-parallel generation: its rank, device and mesh."""
+    """One process of a parallel generation: its rank, device and mesh. The mesh's "data"
+    dimension carries CFG parallelism (cfg = 2: the two guidance passes on two process groups)."""
 
-    def __init__(self, ulysses: int, ring: int, device):
+    def __init__(self, ulysses: int, ring: int, device, cfg: int = 1):
         import torch
 
         self.ranks = init_distributed(device.type)
-        if self.ranks.world_size != ulysses * ring:
-            raise HvctlError(f"--ulysses-degree {ulysses} x --ring-degree {ring} needs {ulysses * ring} processes, "
-                             f"this run has {self.ranks.world_size}")
+        if self.ranks.world_size != ulysses * ring * cfg:
+            raise HvctlError(f"--ulysses-degree {ulysses} x --ring-degree {ring}" + (" x 2 (--cfg-parallel)" if cfg > 1 else "")
+                             + f" needs {ulysses * ring * cfg} processes, this run has {self.ranks.world_size}")
         self.device = torch.device("cuda", self.ranks.local_rank) if device.type == "cuda" else device
         self.mesh = build_mesh(self.ranks, device.type, ring=ring, ulysses=ulysses)
+        self.cfg_group = self.mesh["data"].get_group() if cfg > 1 else None
 
     def agree(self, value):
         """Rank 0's value on every rank (a seed drawn at random, say)."""
@@ -445,14 +454,14 @@ class SequenceParallelInference:
         shutdown(self.ranks)
 
 
-def sequence_parallel_inference(ulysses: int, ring: int, device) -> SequenceParallelInference | None:
+def sequence_parallel_inference(ulysses: int, ring: int, device, cfg: int = 1) -> SequenceParallelInference | None:
     """None when the degrees ask for one process; else this process's part (run under torchrun)."""
-    if ulysses * ring == 1:
+    if ulysses * ring * cfg == 1:
         return None
     if not under_torchrun():
-        raise HvctlError(f"sequence-parallel generation runs under torchrun with {ulysses * ring} processes "
+        raise HvctlError(f"parallel generation runs under torchrun with {ulysses * ring * cfg} processes "
                          "(`hvctl generate` starts them itself)")
-    return SequenceParallelInference(ulysses, ring, device)
+    return SequenceParallelInference(ulysses, ring, device, cfg)
 
 
 # -- runtime-balanced batching (Seaweed) ------------------------------------------------------

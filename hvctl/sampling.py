@@ -42,12 +42,22 @@ def predict_velocity(model, latents: torch.Tensor, sigma: torch.Tensor, text: Te
     )[0]
 
 
+def _gather_passes(velocity: torch.Tensor, group) -> torch.Tensor:
+    """Both ranks' velocities, the conditional (rank 0's) first: what one doubled batch gives."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(velocity) for _ in range(2)]
+    dist.all_gather(parts, velocity.contiguous(), group=group)
+    return torch.cat(parts)
+
+
 @dataclass
 class FlowMatchEulerSampler:
     steps: int
     shift: float
     guidance_scale: float = 1.0  # true classifier-free guidance; > 1 runs the negative prompt too
     embedded_guidance: float | None = None  # for guidance-distilled models
+    cfg_group: object = None  # CFG-parallel: a process group of 2, rank 0 the conditional pass, rank 1 the unconditional
 
     @torch.no_grad()
     def __call__(self, model, noise: torch.Tensor, conditions: Conditions,
@@ -55,15 +65,24 @@ class FlowMatchEulerSampler:
         use_cfg = self.guidance_scale > 1.0
         if use_cfg and conditions.negative_text is None:
             raise ValueError("guidance_scale > 1 needs negative text conditions")
-        text = TextConditions.cat([conditions.text, conditions.negative_text]) if use_cfg else conditions.text
+        split = use_cfg and self.cfg_group is not None
+        if split:  # each rank runs one of the two passes; their velocities are gathered after each step
+            import torch.distributed as dist
+
+            text = [conditions.text, conditions.negative_text][dist.get_rank(self.cfg_group)]
+        else:
+            text = TextConditions.cat([conditions.text, conditions.negative_text]) if use_cfg else conditions.text
         sigmas = sampling_sigmas(self.steps, self.shift).to(noise.device)
         latents = noise.float()
         image = conditions.image
         for i in range(self.steps):
             model_input = latents if image is None else image.model_input(latents)
             # Conditional and unconditional passes share one batch.
-            velocity = predict_velocity(model, torch.cat([model_input] * 2) if use_cfg else model_input, sigmas[i],
+            doubled = use_cfg and not split
+            velocity = predict_velocity(model, torch.cat([model_input] * 2) if doubled else model_input, sigmas[i],
                                         text, self.embedded_guidance)
+            if split:
+                velocity = _gather_passes(velocity, self.cfg_group)
             if use_cfg:
                 cond, uncond = velocity.chunk(2)
                 velocity = uncond + self.guidance_scale * (cond - uncond)

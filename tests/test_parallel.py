@@ -104,3 +104,20 @@ def test_an_srun_task_becomes_a_torch_rank(monkeypatch):
     assert under_torchrun()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["MASTER_PORT"]) == \
         ("9", "16", "1", "29500")
+
+
+def test_cfg_parallel_sampling_equals_one_process(tiny_model):
+    """True CFG with the conditional pass on rank 0 and the unconditional on rank 1: each rank
+    runs a batch of one, and the latents agree with one process's doubled batch to 1e-5."""
+    [report] = torchrun("cfg_parallel_check.py", str(tiny_model))
+    assert report["error"] < 1e-5 and report["scale"] > 0.1 and report["batch_per_call"] == [1], report
+
+
+def test_cfg_parallel_without_true_cfg_is_one_line(tiny_model):
+    from conftest import run_cli
+
+    result = run_cli("generate", "x", "--model", tiny_model, "--cfg-parallel", "--guidance-scale", "1")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "error: --cfg-parallel runs the conditional and unconditional passes of true classifier-free guidance "
+        "on two processes: it needs --guidance-scale > 1 (got 1)"]

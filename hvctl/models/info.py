@@ -60,8 +60,8 @@ def safetensors_header(file: Path) -> dict:
     return header
 
 
-def meta_parameter_count(folder: ModelFolder, name: str) -> int:
-    """Parameters of a component built on the meta device from its config alone (no weights needed)."""
+def meta_component(folder: ModelFolder, name: str):
+    """A component built on the meta device from its config alone (no weights needed)."""
     import torch
 
     library, class_name = folder.component_class(name)
@@ -69,10 +69,13 @@ def meta_parameter_count(folder: ModelFolder, name: str) -> int:
     config = folder.component_config(name)
     with torch.device("meta"):
         if library == "diffusers":
-            model = cls.from_config(config)
-        else:
-            model = cls(cls.config_class.from_dict(config))
-    return sum(p.numel() for p in model.parameters())
+            return cls.from_config(config)
+        return cls(cls.config_class.from_dict(config))
+
+
+def meta_parameter_count(folder: ModelFolder, name: str) -> int:
+    """Parameters of a component built on the meta device from its config alone (no weights needed)."""
+    return sum(p.numel() for p in meta_component(folder, name).parameters())
 
 
 def describe(path) -> dict:

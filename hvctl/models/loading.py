@@ -102,6 +102,15 @@ class ModelFolder:
         return {**defaults, "guidance_embeds": guidance_embeds}
 
 
+def input_device(module):
+    """Where a component's inputs go: its own device, or the CPU while sequential offload keeps its
+    weights on the meta device (accelerate's hooks move inputs along with the weights)."""
+    import torch
+
+    device = module.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

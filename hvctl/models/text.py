@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from hvctl.errors import HvctlError
+from hvctl.models.loading import input_device
 from hvctl.models.templates import I2V_TEMPLATE, PROMPT_TEMPLATES, PromptTemplate, crop_start
 
 # diffusers' HunyuanVideoImageToVideoPipeline keeps every 2nd (latent_concat) or 4th
@@ -67,12 +68,12 @@ class PromptEncoder:
         return self.tokenizer(
             [self.template.template.format(p) for p in prompts], max_length=self.crop_start + self.text_len,
             padding="max_length", truncation=True, return_tensors="pt",
-        ).to(self.text_encoder.device)
+        ).to(input_device(self.text_encoder))
 
     def pooled(self, prompts: list[str]) -> torch.Tensor:
         clip_ids = self.tokenizer_2(
             prompts, max_length=self.clip_len, padding="max_length", truncation=True, return_tensors="pt"
-        ).input_ids.to(self.text_encoder_2.device)
+        ).input_ids.to(input_device(self.text_encoder_2))
         return self.text_encoder_2(clip_ids).pooler_output
 
 

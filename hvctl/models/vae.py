@@ -116,7 +116,7 @@ def same_on_any_thread_count(device: torch.device):
 @torch.no_grad()
 def decode_to_frames(vae, latents: torch.Tensor) -> torch.Tensor:
     """(B, C, T', H', W') latents -> (B, T, H, W, 3) uint8 frames."""
-    with same_on_any_thread_count(vae.device):
+    with same_on_any_thread_count(latents.device):
         video = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return video.permute(0, 2, 3, 4, 1).cpu()
@@ -138,8 +138,10 @@ def frames_to_tensor(frames) -> torch.Tensor:
 def encode_posterior(vae, frames) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior of (T, H, W, 3) uint8 frames, as the DiT sees latents: (mean, std) times
     the scaling factor, each (C, T', H', W')."""
-    video = frames_to_tensor(frames).to(vae.device, vae.dtype)
-    with same_on_any_thread_count(vae.device):
+    from hvctl.models.loading import input_device
+
+    video = frames_to_tensor(frames).to(input_device(vae), vae.dtype)
+    with same_on_any_thread_count(video.device):
         posterior = vae.encode(video).latent_dist
     scale = vae.config.scaling_factor
     return (posterior.mean[0] * scale).float(), (posterior.std[0] * scale).float()
