@@ -36,6 +36,13 @@ app.add_typer(lora_app, name="lora")
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 SET_OPTION = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+# Shared by generate, i2v and avatar (hvctl/accelerate.py: speed and memory).
+LORA_OPTION = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers, musubi/kohya, ComfyUI or official I2V format).")
+ATTENTION_OPTION = typer.Option(None, help="Attention kernel: auto (fastest installed), sdpa, flash, flash3, sage or native (torch's math reference).")
+OFFLOAD_OPTION = typer.Option(None, help="none, model (each component on the GPU only while used), group (the DiT's blocks streamed), sequential (per module; least memory) or auto (the least that fits).")
+WEIGHTS_DTYPE_OPTION = typer.Option(None, "--weights-dtype", help="Store the DiT's weights in this dtype, e.g. float8_e4m3fn (half of bf16); computed in --dtype.")
+COMPILE_OPTION = typer.Option(None, "--compile/--no-compile", help="Regional torch.compile of the DiT's blocks (compile time reported apart).")
+STEP_CACHE_OPTION = typer.Option(None, "--step-cache", metavar="none|teacache:T|fbc:T", help="Skip DiT passes whose first block barely changed (T=0: never).")
 
 
 def emit(result: dict, as_json: bool, human: str) -> None:
@@ -80,13 +87,13 @@ def generate(
     ulysses_degree: Optional[int] = typer.Option(None, "--ulysses-degree", help="Sequence parallelism: Ulysses processes."),
     ring_degree: Optional[int] = typer.Option(None, "--ring-degree", help="Sequence parallelism: ring-attention processes."),
     cfg_parallel: Optional[bool] = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="True CFG's two passes on two processes (x the sequence-parallel ones)."),
-    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers, musubi/kohya, ComfyUI or official I2V format)."),
+    lora: Optional[list[str]] = LORA_OPTION,
     replay: Optional[Path] = typer.Option(None, "--replay", metavar="VIDEO.json", help="Make a video again from its sidecar (its settings, seed and prompt); flags override them."),
-    attention: Optional[str] = typer.Option(None, help="Attention kernel: auto (fastest installed), sdpa, flash, flash3, sage or native (torch's math reference)."),
-    offload: Optional[str] = typer.Option(None, help="none, model (each component on the GPU only while used), group (the DiT's blocks streamed), sequential (per module; least memory) or auto (the least that fits)."),
-    weights_dtype: Optional[str] = typer.Option(None, "--weights-dtype", help="Store the DiT's weights in this dtype, e.g. float8_e4m3fn (half of bf16); computed in --dtype."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Regional torch.compile of the DiT's blocks (compile time reported apart)."),
-    step_cache: Optional[str] = typer.Option(None, "--step-cache", metavar="none|teacache:T|fbc:T", help="Skip DiT passes whose first block barely changed (T=0: never)."),
+    attention: Optional[str] = ATTENTION_OPTION,
+    offload: Optional[str] = OFFLOAD_OPTION,
+    weights_dtype: Optional[str] = WEIGHTS_DTYPE_OPTION,
+    compile: Optional[bool] = COMPILE_OPTION,
+    step_cache: Optional[str] = STEP_CACHE_OPTION,
     gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", metavar="GIB", help="GPU memory to plan for (--plan, --offload auto). Default: the GPU's."),
     plan: bool = typer.Option(False, "--plan", help="Print the estimated peak GPU memory per offload setting and time per step; sample nothing."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML generate recipe; flags override it."),
@@ -184,13 +191,13 @@ def avatar_command(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .mp4."),
     dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
-    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]", help="Apply a LoRA (repeatable; diffusers, musubi/kohya, ComfyUI or official I2V format)."),
+    lora: Optional[list[str]] = LORA_OPTION,
     replay: Optional[Path] = typer.Option(None, "--replay", metavar="VIDEO.json", help="Make a video again from its sidecar; flags override its settings."),
-    attention: Optional[str] = typer.Option(None, help="Attention kernel: auto (fastest installed), sdpa, flash, flash3, sage or native (torch's math reference)."),
-    offload: Optional[str] = typer.Option(None, help="none, model (each component on the GPU only while used), group (the DiT's blocks streamed), sequential (per module; least memory) or auto (the least that fits)."),
-    weights_dtype: Optional[str] = typer.Option(None, "--weights-dtype", help="Store the DiT's weights in this dtype, e.g. float8_e4m3fn (half of bf16); computed in --dtype."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Regional torch.compile of the DiT's blocks (compile time reported apart)."),
-    step_cache: Optional[str] = typer.Option(None, "--step-cache", metavar="none|teacache:T|fbc:T", help="Skip DiT passes whose first block barely changed (T=0: never)."),
+    attention: Optional[str] = ATTENTION_OPTION,
+    offload: Optional[str] = OFFLOAD_OPTION,
+    weights_dtype: Optional[str] = WEIGHTS_DTYPE_OPTION,
+    compile: Optional[bool] = COMPILE_OPTION,
+    step_cache: Optional[str] = STEP_CACHE_OPTION,
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML avatar recipe; flags override it."),
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,

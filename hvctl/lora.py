@@ -30,6 +30,9 @@ class LoraSettings:
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # Start the adapter from this LoRA file (any format hvctl reads: diffusers, musubi/kohya,
+    # ComfyUI, official I2V) instead of zero: its rank per module must be `rank`.
+    init: Path | None = None
 
 
 def add_lora(model, s: LoraSettings) -> None:
@@ -45,6 +48,35 @@ def add_lora(model, s: LoraSettings) -> None:
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
                                  init_lora_weights=True))
+
+
+def init_lora_from_file(model, s: LoraSettings) -> dict:
+    """Set the adapter that `add_lora` gave `model` to the LoRA in file `s.init`; returns what was
+    read (format, modules). Its update becomes exactly the file's (alpha / rank unfolded from lora_B);
+    target modules the file does not name keep their zero update."""
+    import torch
+
+    from hvctl.lora_formats import FORMATS, official_modules, to_diffusers
+
+    try:
+        weights, fmt = to_diffusers(read_lora(s.init), model, official_modules(model))
+    except HvctlError as e:
+        raise HvctlError(f"lora.init: {s.init}: {e}") from None
+    params = dict(model.named_parameters())
+    scale = s.alpha / s.rank
+    modules = set()
+    for key, value in weights.items():
+        module, _, kind = key.removeprefix(PREFIX).rpartition(".lora_")
+        target = f"{module}.lora_{kind.split('.')[0]}.default.weight"
+        if target not in params:
+            raise HvctlError(f"lora.init: {s.init}: adapts {module}, which is not among lora.target_modules")
+        if params[target].shape != value.shape:
+            raise HvctlError(f"lora.init: {s.init}: {module} has shape {tuple(value.shape)}, the adapter "
+                             f"{tuple(params[target].shape)} (lora.rank {s.rank})")
+        with torch.no_grad():
+            params[target].copy_(value / scale if kind.startswith("B") else value)
+        modules.add(module)
+    return {"path": str(s.init), "format": FORMATS[fmt], "modules": len(modules)}
 
 
 def lora_state_dict(model, s: LoraSettings, state: dict | None = None) -> dict:

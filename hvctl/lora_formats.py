@@ -14,8 +14,7 @@ block-diagonal stack of the parts' adapters (rank = the sum of theirs), whose pr
 theirs stacked. Read back, a fused adapter splits by blocks when it is block diagonal; otherwise each
 part keeps the whole lora_down with its own rows of lora_up, which is exact too.
 
-OFFICIAL_MODULES below is this module's own official <-> diffusers module-name mapping (LoRA
-targets only: Linear layers); it is meant to be unified with the checkpoint converter's mapping.
+The module names come from hvctl/models/official.py, the checkpoint converter's mapping.
 """
 
 from __future__ import annotations
@@ -24,50 +23,6 @@ import re
 
 from hvctl.errors import HvctlError
 
-# Per block kind: (official block prefix, diffusers block prefix, {official module: the diffusers
-# modules whose output rows it stacks, in order}).
-OFFICIAL_BLOCKS = [
-    ("double_blocks", "transformer_blocks", {
-        "img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
-        "txt_attn_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-        "img_attn_proj": ["attn.to_out.0"],
-        "txt_attn_proj": ["attn.to_add_out"],
-        "img_mod.linear": ["norm1.linear"],  # shift, scale, gate x2 in both
-        "txt_mod.linear": ["norm1_context.linear"],
-        "img_mlp.fc1": ["ff.net.0.proj"],
-        "img_mlp.fc2": ["ff.net.2"],
-        "txt_mlp.fc1": ["ff_context.net.0.proj"],
-        "txt_mlp.fc2": ["ff_context.net.2"],
-    }),
-    ("single_blocks", "single_transformer_blocks", {
-        "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
-        "linear2": ["proj_out"],  # input: attention output, then the MLP's, in both
-        "modulation.linear": ["norm.linear"],
-    }),
-    ("txt_in.individual_token_refiner.blocks", "context_embedder.token_refiner.refiner_blocks", {
-        "self_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
-        "self_attn_proj": ["attn.to_out.0"],
-        "mlp.fc1": ["ff.net.0.proj"],
-        "mlp.fc2": ["ff.net.2"],
-        "adaLN_modulation.1": ["norm_out.linear"],
-    }),
-]
-# Outside the blocks. (final_layer.adaLN_modulation.1 is norm_out.linear with its halves swapped:
-# not mapped.)
-OFFICIAL_TOP = {
-    "txt_in.input_embedder": "context_embedder.proj_in",
-    "txt_in.t_embedder.mlp.0": "context_embedder.time_text_embed.timestep_embedder.linear_1",
-    "txt_in.t_embedder.mlp.2": "context_embedder.time_text_embed.timestep_embedder.linear_2",
-    "txt_in.c_embedder.linear_1": "context_embedder.time_text_embed.text_embedder.linear_1",
-    "txt_in.c_embedder.linear_2": "context_embedder.time_text_embed.text_embedder.linear_2",
-    "time_in.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in.mlp.0": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.mlp.2": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer.linear": "proj_out",
-}
 OFFICIAL_ROOTS = ("double_blocks.", "single_blocks.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.", "img_in.")
 # ComfyUI's own module names (its model keeps Flux's) for the official ones.
 COMFY_INTERNAL = [("_attn.qkv", "_attn_qkv"), ("_attn.proj", "_attn_proj"), ("_mod.lin", "_mod.linear"),
@@ -84,25 +39,26 @@ OFFICIAL_I2V_PREFIX = "Hunyuan_video_I2V_lora_"
 
 
 def official_modules(transformer) -> dict[str, list[tuple[str, int]]]:
-    """Official module name -> [(diffusers module, its output rows)], for the modules this transformer has."""
+    """Official module name -> [(diffusers module, its output rows)] in row order, for the Linear
+    modules this transformer has (the names from hvctl/models/official.py). The final layer's
+    adaLN (norm_out.linear) is left out: its two halves are in swapped order."""
     import torch
 
-    rows = {}
+    from hvctl.models.official import HALVES_SWAPPED, diffusers_module_to_official
+
+    parts: dict[str, list[tuple[int, str, int]]] = {}
     for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".lora_" not in name:
-            rows[name.removesuffix(".base_layer")] = module.out_features
-    table = {}
-    for official_block, diffusers_block, modules in OFFICIAL_BLOCKS:
-        indices = sorted({int(m.group(1)) for n in rows if (m := re.match(rf"{re.escape(diffusers_block)}\.(\d+)\.", n))})
-        for i in indices:
-            for official, parts in modules.items():
-                names = [f"{diffusers_block}.{i}.{p}" for p in parts]
-                if all(n in rows for n in names):
-                    table[f"{official_block}.{i}.{official}"] = [(n, rows[n]) for n in names]
-    for official, name in OFFICIAL_TOP.items():
-        if name in rows:
-            table[official] = [(name, rows[name])]
-    return table
+        if not isinstance(module, torch.nn.Linear) or ".lora_" in name:
+            continue
+        name = name.removesuffix(".base_layer")
+        if name in HALVES_SWAPPED:
+            continue
+        try:
+            official, part = diffusers_module_to_official(name)
+        except HvctlError:  # a module the official model does not have (e.g. hvctl's conditioners)
+            continue
+        parts.setdefault(official, []).append((part or 0, name, module.out_features))
+    return {official: [(name, rows) for _, name, rows in sorted(found)] for official, found in parts.items()}
 
 
 # --- reading ---------------------------------------------------------------------------------

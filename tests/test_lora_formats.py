@@ -147,3 +147,38 @@ def test_a_file_whose_keys_fit_no_format_is_one_line(tiny_model, tmp_path):
         from hvctl.lora_formats import detect_format
 
         detect_format({"lora_unet_a.lora_down.weight": torch.zeros(1), "diffusion_model.b.lora_A.weight": torch.zeros(1)})
+
+
+def test_a_training_adapter_starts_from_a_community_file_exactly(tiny_model, tmp_path):
+    """lora.init: a musubi-format file (fused q/k/v) read into a fresh adapter gives back exactly the
+    diffusers-format update it came from; a wrong rank or a module outside the targets is one line."""
+    from hvctl.lora import LoraSettings, add_lora, init_lora_from_file, lora_state_dict
+
+    g = torch.Generator().manual_seed(2)
+    teacher = _transformer(tiny_model)
+    settings = LoraSettings(rank=4, alpha=2.0, target_modules=["to_q", "to_k", "to_v"])
+    add_lora(teacher, settings)
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    original = lora_state_dict(teacher, settings)
+    source, musubi = tmp_path / "hvctl.safetensors", tmp_path / "musubi.safetensors"
+    save_file(original, str(source))
+    done = run_cli("lora", "convert", source, musubi, "--to", "musubi", "--model", tiny_model)
+    assert done.returncode == 0, done.stderr
+
+    student = _transformer(tiny_model)
+    add_lora(student, LoraSettings(rank=4, alpha=2.0, target_modules=["to_q", "to_k", "to_v"], init=musubi))
+    read = init_lora_from_file(student, LoraSettings(rank=4, alpha=2.0, target_modules=["to_q", "to_k", "to_v"], init=musubi))
+    assert read["format"] == "musubi-tuner/kohya" and read["modules"] == len(original) // 2
+    restored = lora_state_dict(student, settings)
+    assert restored.keys() == original.keys()
+    assert all(torch.allclose(original[k], restored[k], atol=1e-6) for k in original)
+
+    for wrong, match in ((LoraSettings(rank=8, alpha=2.0, target_modules=["to_q", "to_k", "to_v"], init=source), "lora.rank 8"),
+                         (LoraSettings(rank=4, alpha=2.0, target_modules=["to_q"], init=source), "not among lora.target_modules")):
+        other = _transformer(tiny_model)
+        add_lora(other, wrong)
+        with pytest.raises(HvctlError, match=match):
+            init_lora_from_file(other, wrong)

@@ -215,6 +215,8 @@ def check_paths(r: TrainRecipe) -> None:
         raise HvctlError(f"data.manifest: {d.manifest} not found")
     if d.manifest is None and (r.target == "vae" or d.cache is None):
         raise HvctlError("VAE training reads pixels: set data.manifest" if r.target == "vae" else "train needs data.cache or data.manifest")
+    if r.lora is not None and r.lora.init is not None and not Path(r.lora.init).is_file():
+        raise HvctlError(f"lora.init: {r.lora.init} not found")
     if r.vae_loss.lpips_weights is not None and not Path(r.vae_loss.lpips_weights).is_file():
         raise HvctlError(f"vae_loss.lpips_weights: {r.vae_loss.lpips_weights} not found")
     if r.avatar is not None and r.avatar.audio_encoder_options.get("path") is not None:

@@ -101,6 +101,10 @@ class Trainer:
             if r.target != "dit" or r.trainable is not None:
                 raise HvctlError("lora: trains the DiT's adapters only; it goes with target: dit and no 'trainable'")
             add_lora(self.model, r.lora)
+            if r.lora.init is not None:  # a resumed run's checkpoint overrides it later
+                from hvctl.lora import init_lora_from_file
+
+                init_lora_from_file(self.model, r.lora)
         self.model_class = type(self.model)  # FSDP and replicate swap the instance's class
         self.mesh = parallelize(self.model, self.ranks, self.device.type, r.parallel,
                                 param_dtype=None if r.precision == "float32" else getattr(torch, r.precision))
