@@ -160,3 +160,18 @@ def test_toy_clip_pools_a_bag_of_words():
     cos = torch.nn.functional.cosine_similarity(pooled[:, None], pooled[None], dim=-1)
     assert cos[0, 1] > 0.9999  # word order does not matter
     assert cos[0, 3] < cos[0, 2] < 0.99  # each differing word moves it, more words further
+
+
+def test_a_component_resaved_elsewhere_keeps_its_fingerprint(tiny_model, tmp_path):
+    """diffusers writes where a component was loaded from (_name_or_path) and its own version into
+    config.json; neither changes what the component is, so neither changes the fingerprint
+    (a cache encoded by one copy of a VAE trains a model holding another copy)."""
+    import shutil
+
+    copy = tmp_path / "vae"
+    shutil.copytree(tiny_model / "vae", copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "_name_or_path": "/elsewhere/vae", "_diffusers_version": "0.0.1"}))
+    assert folder_fingerprint(copy) == folder_fingerprint(tiny_model / "vae")
+    (copy / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
+    assert folder_fingerprint(copy) != folder_fingerprint(tiny_model / "vae")

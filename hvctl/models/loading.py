@@ -180,8 +180,29 @@ def load_components(path: str | Path, *, dtype=None, device=None, parts=("transf
     return Components(folder=folder, scheduler_config=folder.component_config("scheduler"), **loaded)
 
 
+# Keys diffusers and transformers write into config.json / tokenizer_config.json about where from
+# and by which version a component was saved, not what it is: a component re-saved from another
+# folder keeps its fingerprint.
+PROVENANCE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "name_or_path", "is_local",
+                   "local_files_only")
+
+
+def _fingerprint_bytes(p: Path):
+    if p.name.endswith("config.json"):
+        try:
+            config = json.loads(p.read_text())
+        except (OSError, ValueError):
+            config = None
+        if isinstance(config, dict):
+            yield json.dumps({k: v for k, v in config.items() if k not in PROVENANCE_KEYS}, sort_keys=True).encode()
+            return
+    with open(p, "rb") as f:
+        yield from iter(lambda: f.read(1 << 20), b"")
+
+
 def folder_fingerprint(path: str | Path) -> str:
-    """sha256 over every file of a model folder (relative name and content).
+    """sha256 over every file of a model folder (relative name and content; *config.json files
+    without their PROVENANCE_KEYS).
 
     Hashing 26 GB of weights takes a minute, so the result is cached per (path, size, mtime).
     """
@@ -189,16 +210,15 @@ def folder_fingerprint(path: str | Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     stamp = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     cache_file = cache_dir() / "fingerprints.json"
-    key = hashlib.sha256(json.dumps([str(path), stamp]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps(["v2", str(path), stamp]).encode()).hexdigest()
     cache = _read_json(cache_file) if cache_file.is_file() else {}
     if key in cache:
         return cache[key]
     digest = hashlib.sha256()
     for p in files:
         digest.update(str(p.relative_to(path)).encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        for block in _fingerprint_bytes(p):
+            digest.update(block)
     cache[key] = "sha256:" + digest.hexdigest()
     try:
         write_json_atomic(cache_file, cache)
