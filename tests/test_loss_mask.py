@@ -458,6 +458,6 @@ def test_a_masked_loss_trains_on_a_masked_cache(masked_dataset, tmp_path):
         assert 0 < mask.mean() < 1
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(math.isfinite(m["loss"]) for m in metrics)
-    with pytest.raises(HvctlError, match=r"unmasked_weight must be in \[0, 1\]"):
+    with pytest.raises(HvctlError, match=r"unmasked_weight'? must be in \[0, 1\]"):
         Trainer(load_recipe(TrainRecipe, recipe, ["flow.unmasked_weight=2", f"out={tmp_path / 'run2'}"]),
                 progress=False)
