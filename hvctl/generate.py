@@ -304,6 +304,13 @@ def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
     r.lora = [absolute_lora_spec(spec) for spec in r.lora]  # the sidecar replays from anywhere
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     r.model, r.device, r.dtype = model_dir, str(device), str(dtype).removeprefix("torch.")
+    if r.ulysses_degree * r.ring_degree > 1:  # the launcher checks this before any rank starts
+        from hvctl.models.loading import ModelFolder
+        from hvctl.parallel import check_sequence_split
+
+        folder = ModelFolder.open(model_dir)
+        check_sequence_split([(r.frames, r.height, r.width)], folder.component_config("transformer"),
+                             folder.component_config("vae"), r.ulysses_degree, r.ring_degree, "--ulysses-degree/--ring-degree")
     return r, model_dir
 
 

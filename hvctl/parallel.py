@@ -503,6 +503,30 @@ def _shard_sequence(x, group, dim: int):
     return x.chunk(size, dim=dim)[group.rank()]
 
 
+def video_tokens(dit_config: dict, vae_config: dict, frames: int, height: int, width: int) -> int:
+    """The DiT's video tokens for a (frames, height, width) video, from the two configs alone."""
+    from hvctl.models.vae import latent_shape
+
+    _, t, h, w = latent_shape(vae_config, dit_config.get("in_channels", 16), frames, height, width)
+    p, pt = dit_config.get("patch_size", 2), dit_config.get("patch_size_t", 1)
+    return t // pt * (h // p) * (w // p)
+
+
+def check_sequence_split(sizes, dit_config: dict, vae_config: dict, ulysses: int, ring: int, what: str) -> None:
+    """Before any rank starts: every (frames, height, width) in `sizes` gives a token count that
+    splits evenly over ulysses x ring ranks, and the Ulysses degree divides the heads."""
+    heads = dit_config.get("num_attention_heads", 24)
+    if heads % ulysses:
+        raise HvctlError(f"{what}: Ulysses degree {ulysses} must divide the model's {heads} attention heads")
+    ranks = ulysses * ring
+    for frames, height, width in sizes:
+        tokens = video_tokens(dit_config, vae_config, frames, height, width)
+        if tokens % ranks:
+            raise HvctlError(f"{what}: {frames} frames of {width}x{height} make {tokens} video tokens, which do not split "
+                             f"evenly over ulysses {ulysses} x ring {ring} = {ranks} ranks; choose sizes whose token "
+                             f"count is a multiple of {ranks}")
+
+
 def apply_sequence_parallel(transformer, mesh) -> None:
     """Shard a HunyuanVideo transformer's video tokens over mesh's "ring" x "ulysses" ranks.
 
@@ -519,6 +543,8 @@ def apply_sequence_parallel(transformer, mesh) -> None:
         raise HvctlError(f"Ulysses degree {ulysses.size()} must divide the model's {heads} attention heads")
     sequence = mesh["ring", "ulysses"]._flatten("sequence").get_group()  # ring-major, as the shards are laid out
     processor = SequenceParallelAttnProcessor(ulysses, ring)
+    # The kernel --attention (or a recipe's `attention`) chose stays the kernel.
+    processor._attention_backend = transformer.transformer_blocks[0].attn.processor._attention_backend
     for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
         block.attn.set_processor(processor)
     transformer.x_embedder.register_forward_hook(lambda m, args, out: _shard_sequence(out, sequence, 1))

@@ -142,3 +142,31 @@ def test_ring_attention_memory_grows_linearly(ring_reports):
     for r in ring_reports:
         small, large = r["memory"]["2048"], r["memory"]["8192"]
         assert 0 < large <= 5 * small, r
+
+
+def test_generate_refuses_a_token_count_that_does_not_split_before_starting_ranks(tiny_model, tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("generate", "x", "--model", tiny_model, "--ring-degree", "2", "--height", "48", "--width", "48",
+                              "--frames", "1", "-o", tmp_path / "x.mp4")
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "error: --ulysses-degree/--ring-degree: 1 frames of 48x48 make 9 video tokens, which do not split evenly over "
+        "ulysses 1 x ring 2 = 2 ranks; choose sizes whose token count is a multiple of 2"], result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_ring_runs_the_attention_kernel_chosen_and_sage_does_not_train(monkeypatch):
+    import torch
+
+    from hvctl import accelerate, parallel
+    from hvctl.errors import HvctlError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert isinstance(parallel.ring_kernel("native", cpu), parallel._CpuFlash)
+    assert isinstance(parallel.ring_kernel(None, cuda), parallel._CudaSdpa)
+    assert isinstance(parallel.ring_kernel(accelerate._BACKENDS["flash"], cuda), parallel._FlashAttn2)
+    assert isinstance(parallel.ring_kernel(accelerate._BACKENDS["flash3"], cuda), parallel._FlashAttn3)
+    assert not parallel.ring_kernel(accelerate._BACKENDS["sage"], cuda).trains
+    monkeypatch.setattr(accelerate, "attention_choice", lambda name, device: "sage")
+    with pytest.raises(HvctlError, match="no backward pass"):
+        accelerate.training_attention_backend("auto", cuda)

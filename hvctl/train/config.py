@@ -156,6 +156,9 @@ class TrainRecipe:
     precision: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype of the forward pass
     ema_decay: float = 0.0  # 0: no EMA; else exported weights are the EMA's
     device: str = "auto"
+    # The DiT's attention kernel (as `hvctl generate --attention`), under Ulysses and ring too:
+    # auto, sdpa, flash, flash3, native (sage has no backward pass).
+    attention: Literal["auto", "sdpa", "flash", "flash3", "sage", "native"] = "auto"
     nproc: int = 1  # processes per node; > 1 launches torchrun
     max_restarts: int = 0  # restart failed processes this many times; each restart resumes from the last checkpoint
     log_every: int = 10
@@ -222,3 +225,39 @@ def check_paths(r: TrainRecipe) -> None:
     if r.avatar is not None and r.avatar.audio_encoder_options.get("path") is not None:
         if not Path(r.avatar.audio_encoder_options["path"]).exists():
             raise HvctlError(f"avatar.audio_encoder_options.path: {r.avatar.audio_encoder_options['path']} not found")
+    if r.target == "dit":
+        check_parallel(r)
+
+
+def check_parallel(r: TrainRecipe) -> None:
+    """The attention kernel exists here and trains; with sequence parallelism, every bucket this
+    stage may train on splits its video tokens evenly over the ulysses x ring ranks."""
+    from hvctl.accelerate import training_attention_backend
+    from hvctl.data.buckets import BucketConfig
+    from hvctl.generate import resolve_device_dtype
+    from hvctl.models.loading import ModelFolder
+    from hvctl.models.presets import get_preset, with_overrides
+    from hvctl.parallel import check_sequence_split
+
+    training_attention_backend(r.attention, resolve_device_dtype(r.device, "float32")[0])
+    p, d = r.parallel, r.data
+    if p.ulysses * p.ring == 1:
+        return
+    source = r.teacher if r.KIND == "distill" else r.model
+    if source is not None:
+        folder = ModelFolder.open(source)
+        dit, vae = folder.component_config("transformer"), folder.component_config("vae")
+    else:
+        preset = with_overrides(get_preset(r.init_preset), r.init_overrides)
+        dit, vae = preset.transformer, preset.vae
+    stage = BucketConfig(aspect_buckets=d.aspect_buckets, frame_buckets=d.frame_buckets)
+    if d.cache is not None and Path(d.cache).is_dir():  # the buckets the cache holds
+        from hvctl.cache import latest_by_id, load_entries
+
+        buckets = {e.bucket for e in latest_by_id(load_entries(Path(d.cache))).values()}
+    else:  # the buckets encoding here can make
+        defaults = BucketConfig()
+        buckets = {(h, w, n) for h, w in stage.aspect_buckets or defaults.aspect_buckets
+                   for n in [1, *(stage.frame_buckets or defaults.frame_buckets)]}
+    sizes = sorted((n, h, w) for h, w, n in buckets if stage.admits((h, w, n), d.media))
+    check_sequence_split(sizes, dit, vae, p.ulysses, p.ring, f"parallel.ulysses {p.ulysses}, ring {p.ring}")

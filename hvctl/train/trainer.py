@@ -105,6 +105,13 @@ class Trainer:
                 from hvctl.lora import init_lora_from_file
 
                 init_lora_from_file(self.model, r.lora)
+        if r.target == "dit":
+            from hvctl.accelerate import set_attention, training_attention_backend
+
+            backend = training_attention_backend(r.attention, self.device)
+            for dit in (self.model, self.teacher):
+                if dit is not None:
+                    set_attention(dit, backend)
         self.model_class = type(self.model)  # FSDP and replicate swap the instance's class
         self.mesh = parallelize(self.model, self.ranks, self.device.type, r.parallel,
                                 param_dtype=None if r.precision == "float32" else getattr(torch, r.precision))
