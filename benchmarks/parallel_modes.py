@@ -351,8 +351,8 @@ def check_table(device, heads: int, head_dim: int, video_tokens: int, text_token
 
 def write_check(rows: list[dict], path: str | None, title: str) -> None:
     lines = [title, "", "| attention | pass | checkpointing | measured GB | predicted GB | error | s/call |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['attention']} | {r['pass']} | {'on' if r['checkpointing'] else 'off'} | {r['measured_gb']:.2f} | "
-              f"{r['predicted_gb']:.2f} | {r['error']:+.0%} | {r['seconds']:.3f} |" for r in rows]
+    lines += [f"| {r['attention']} | {r['pass']} | {'on' if r['checkpointing'] else 'off'} | {r['measured_gb']:.3g} | "
+              f"{r['predicted_gb']:.3g} | {r['error']:+.0%} | {r['seconds']:.3f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if path:

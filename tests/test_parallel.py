@@ -170,3 +170,15 @@ def test_ring_runs_the_attention_kernel_chosen_and_sage_does_not_train(monkeypat
     monkeypatch.setattr(accelerate, "attention_choice", lambda name, device: "sage")
     with pytest.raises(HvctlError, match="no backward pass"):
         accelerate.training_attention_backend("auto", cuda)
+
+
+def test_parallel_modes_benchmark_smoke(tmp_path):
+    """The GPU check's one command, at toy sizes on this CPU: the 13B model table and the block table."""
+    table = tmp_path / "check.md"
+    done = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "benchmarks" / "parallel_modes.py"), "--smoke",
+                           "--out", str(table)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fsdp+ulysses+ring u2 r4" in done.stdout and "fsdp+ring u1 r8" in done.stdout
+    rows = [line.split("|")[1:-1] for line in table.read_text().splitlines() if line.startswith("| sdpa")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("fwd+bwd", "off"), ("fwd+bwd", "on")]
+    assert all(float(r[3]) >= 0 and float(r[4]) > 0 for r in rows)
