@@ -420,7 +420,8 @@ def joint_attention(video_qkv, text_qkv, text_mask, ulysses=None, ring=None, bac
     text_qkv: the whole text's, each (B, L, H, d); text_mask: (B, L) bool. Returns (video
     output shard (B, N/S, H, d), text output (B, L, H, d)); with no groups, plain attention.
     Without ring, the attention is diffusers' dispatcher's `backend` (None: its default), the
-    kernel that --attention chose; ring attention merges blocks by their log-sum-exp itself.
+    kernel that --attention chose; with ring, that kernel's fused form returning its log-sum-exp
+    runs each block (ring_kernel), and _RingAttention merges them.
     """
     import torch
     import torch.distributed._functional_collectives as funcol
