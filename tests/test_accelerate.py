@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hvctl.generate import GenerateRecipe, TextToVideo, prepare, resolve_device_dtype
+from hvctl.generate import GenerateRecipe, TextToVideo, prepare
+from hvctl.models.loading import resolve_device_dtype
 
 PROMPT = "a red circle moves left on a black background"
 SIZE = dict(height=32, width=48, frames=9, steps=4, seed=3, text_len=32)
@@ -64,6 +65,7 @@ def test_every_attention_goes_through_the_chosen_backend(tiny_model, monkeypatch
     assert seen.count("_native_math") >= blocks and set(seen) == {"_native_math"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, package", [("flash", "flash-attn"), ("flash3", "flash-attn 3"), ("sage", "sageattention")])
 def test_a_missing_attention_package_is_one_line_naming_it(tiny_model, tmp_path, name, package):
     from hvctl.accelerate import _installed
@@ -203,6 +205,7 @@ def test_fp8_weights_stay_within_their_bound_of_full_precision(tiny_model, plain
     assert fp8_error < 20 * bf16_error
 
 
+@pytest.mark.slow
 def test_bad_weights_dtype_is_one_line(tiny_model, tmp_path):
     result = run_cli("generate", "x", "-m", tiny_model, "--weights-dtype", "int8", "--steps", "1", "-o", tmp_path / "a.mp4")
     assert result.returncode != 0
@@ -235,6 +238,7 @@ def test_a_positive_threshold_skips_steps_and_counts_them(tiny_model, plain, kin
     assert torch.equal(again, latents) and t2v.step_cache.summary() == summary
 
 
+@pytest.mark.slow
 def test_step_cache_counts_reach_the_sidecar_and_json(tiny_model, tmp_path):
     out = tmp_path / "v.mp4"
     result = run_cli("generate", PROMPT, "-m", tiny_model, "--steps", "6", "--seed", "1", "--height", "32", "--width", "32",
@@ -248,6 +252,7 @@ def test_step_cache_counts_reach_the_sidecar_and_json(tiny_model, tmp_path):
     assert video["accelerators"]["attention"] == "sdpa"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, message", [
     ("teacache", "give a threshold, e.g. teacache:0.1"),
     ("teacache:-1", "the threshold must be a finite number >= 0"),
@@ -299,6 +304,7 @@ def test_plan_matches_a_measured_tiny_run(tiny_model):
     assert plan.peaks["sequential"] < plan.peaks["group"] <= plan.peaks["model"] <= plan.peaks["none"]
 
 
+@pytest.mark.slow
 def test_plan_cli_and_offload_auto_follow_the_memory_budget(tiny_model, tmp_path):
     result = run_cli("generate", "x", "-m", tiny_model, "--plan", "--gpu-memory", "0.02", "--json")
     assert result.returncode == 0, result.stderr
@@ -316,6 +322,7 @@ def test_plan_cli_and_offload_auto_follow_the_memory_budget(tiny_model, tmp_path
     assert t2v_for(tiny_model, offload="auto").accelerators.applied["offload"] == "none"  # a CPU: nothing to save
 
 
+@pytest.mark.slow
 def test_bad_gpu_memory_is_one_line(tiny_model):
     result = run_cli("generate", "x", "-m", tiny_model, "--plan", "--gpu-memory", "-3")
     assert result.returncode != 0
