@@ -6,6 +6,11 @@ shard by shard (see hvctl/cache.py), so a run killed at any moment loses at most
 its open shard, and the next run completes the cache. `--shard i/n` gives each of n processes or
 machines the samples whose id hashes to i; they write into one cache folder (shared storage) and
 their shards join in one index.
+
+Per sample: `read_sample` finds its files, reads its media and computes its key
+(cache.sample_key); a key already in the cache is skipped; `encode_sample` makes its tensors;
+`encode` hands them to cache.ShardWriter. A sample that cannot be encoded raises BadSample
+naming the file at fault, which the run records before going on (or stops at, on_error: fail).
 """
 
 from __future__ import annotations
@@ -180,7 +185,7 @@ def _loss_mask_mismatch(mask_shape, media_shape) -> str | None:
     return None
 
 
-class SampleFailure(Exception):
+class BadSample(Exception):
     """A sample that cannot be encoded: the file at fault and what is wrong with it."""
 
     def __init__(self, path, reason: str):
@@ -195,7 +200,7 @@ def _read_frames(path: Path, as_image: bool):
     try:
         return read_image(path)[None] if as_image else read_video(path)[0]
     except HvctlError as e:  # its message names the file first
-        raise SampleFailure(path, str(e).removeprefix(f"{path}: ")) from None
+        raise BadSample(path, str(e).removeprefix(f"{path}: ")) from None
 
 
 @dataclass
@@ -211,7 +216,7 @@ class Sample:
 
 
 def read_sample(rec, manifest_dir: Path, buckets, r: EncodeRecipe, encoder: Encoder) -> Sample:
-    """The sample's key, and what encoding it needs; raises SampleFailure for a missing or
+    """The sample's key, and what encoding it needs; raises BadSample for a missing or
     unreadable file or media too short for every bucket."""
     from hvctl.cache import sample_key
     from hvctl.data.buckets import assign_bucket
@@ -219,18 +224,18 @@ def read_sample(rec, manifest_dir: Path, buckets, r: EncodeRecipe, encoder: Enco
 
     path = rec.media_path(manifest_dir)
     if not path.is_file():
-        raise SampleFailure(path, "media file not found")
+        raise BadSample(path, "media file not found")
     frames = _read_frames(path, as_image=rec.kind != "video")
     bucket = assign_bucket(frames.shape[2], frames.shape[1], frames.shape[0], buckets)
     if bucket is None:
-        raise SampleFailure(path, f"{frames.shape[0]} frames, fewer than the shortest frame bucket ({min(r.frame_buckets)})")
+        raise BadSample(path, f"{frames.shape[0]} frames, fewer than the shortest frame bucket ({min(r.frame_buckets)})")
     conditions = {name: manifest_dir / rec.extra[name] for name in CONDITION_FIELDS if rec.extra.get(name)}
     missing = [p for p in conditions.values() if not p.is_file()]
     if missing:
-        raise SampleFailure(missing[0], "condition file not found")
+        raise BadSample(missing[0], "condition file not found")
     mask = manifest_dir / rec.extra[LOSS_MASK_FIELD] if rec.extra.get(LOSS_MASK_FIELD) else None
     if mask is not None and not mask.is_file():
-        raise SampleFailure(mask, "loss mask file not found")
+        raise BadSample(mask, "loss mask file not found")
     texts = caption_variants(rec.caption, rec.id, r.caption_variants)
     audio = encoder.condition_encoder().audio_encoder.identity if "audio" in conditions else None
     key = sample_key(path, texts, bucket, encoder.vae_id, encoder.text_id, loss_mask=mask, conditions=conditions, audio_encoder=audio)
@@ -238,7 +243,7 @@ def read_sample(rec, manifest_dir: Path, buckets, r: EncodeRecipe, encoder: Enco
 
 
 def encode_sample(sample: Sample, encoder: Encoder) -> dict:
-    """The sample's tensors, named as hvctl/cache.py reads them; raises SampleFailure naming the
+    """The sample's tensors, named as hvctl/cache.py reads them; raises BadSample naming the
     file at fault (a loss mask or condition file that cannot be read or does not fit)."""
     from hvctl.data.buckets import fit_to_bucket
 
@@ -248,13 +253,13 @@ def encode_sample(sample: Sample, encoder: Encoder) -> dict:
         mask_frames = _read_frames(sample.loss_mask, as_image=sample.loss_mask.suffix.lower() in IMAGE_SUFFIXES)  # else a video
         problem = _loss_mask_mismatch(mask_frames.shape, sample.frames.shape)
         if problem:
-            raise SampleFailure(sample.loss_mask, problem)
+            raise BadSample(sample.loss_mask, problem)
         tensors.update(encoder.encode_loss_mask(mask_frames, bucket))
     for name, path in sample.conditions.items():  # one at a time, so that a failure knows its file
         try:
             tensors.update(encoder.encode_conditions({name: path}, bucket, rec.fps or 1.0))
         except HvctlError as e:  # its message names the file first
-            raise SampleFailure(path, str(e).removeprefix(f"{path}: ")) from None
+            raise BadSample(path, str(e).removeprefix(f"{path}: ")) from None
     tensors.update(encoder.encode_texts(sample.texts, "image" if rec.kind == "image" else "video"))
     return tensors
 
@@ -323,7 +328,7 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
                             skipped += 1
                             continue
                         tensors = encode_sample(sample, encoder)
-                    except SampleFailure as e:
+                    except BadSample as e:
                         fail(rec.id, e.path, e.reason)
                         continue
                     writer.add({"key": sample.key, "id": rec.id, "kind": rec.kind, "bucket": list(sample.bucket),
