@@ -82,6 +82,7 @@ def test_a_missing_attention_package_is_one_line_naming_it(tiny_model, tmp_path,
 # -- offload ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["model", "group", "sequential"])
 def test_every_offload_mode_gives_exactly_the_plain_result(tiny_model, plain, mode):
     latents, frames = sample(t2v_for(tiny_model, offload=mode))
@@ -193,6 +194,7 @@ def test_fp8_weights_halve_the_bytes_of_bf16(tiny_model):
     assert 0.5 < weight_bytes(fp8) / weight_bytes(bf16) < 0.515
 
 
+@pytest.mark.slow
 def test_fp8_weights_stay_within_their_bound_of_full_precision(tiny_model, plain):
     """Stated bound: FP8 (e4m3) storage moves the latents by under 5% (relative RMS) on the tiny
     model, within 20x of what bf16 storage moves them (bf16 has 3 more mantissa bits: ~8x finer)."""
@@ -216,6 +218,7 @@ def test_bad_weights_dtype_is_one_line(tiny_model, tmp_path):
 # -- step caches ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["teacache", "fbc"])
 def test_a_zero_threshold_equals_the_uncached_run(tiny_model, plain, kind):
     t2v = t2v_for(tiny_model, step_cache=f"{kind}:0")
@@ -223,6 +226,7 @@ def test_a_zero_threshold_equals_the_uncached_run(tiny_model, plain, kind):
     assert t2v.step_cache.summary() == {"kind": kind, "threshold": 0.0, "computed": SIZE["steps"], "skipped": 0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, threshold", [("teacache", 0.3), ("fbc", 2.0)])
 def test_a_positive_threshold_skips_steps_and_counts_them(tiny_model, plain, kind, threshold):
     t2v = t2v_for(tiny_model, step_cache=f"{kind}:{threshold}", steps=8)
@@ -268,6 +272,7 @@ def test_bad_step_cache_is_one_line(tiny_model, tmp_path, spec, message):
 # -- compile ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compile_equals_eager(tiny_model, plain):
     """Regional torch.compile (inductor) of the blocks. Compiling takes a minute or more on this CPU."""
     import shutil
@@ -285,6 +290,7 @@ def test_compile_equals_eager(tiny_model, plain):
 # -- plan -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plan_matches_a_measured_tiny_run(tiny_model):
     """The plan's weights are the loaded bytes exactly; its time per step is within 3x of the
     measured median step on this shared 2-core CPU (tiny models: the per-op floor dominates)."""

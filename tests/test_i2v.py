@@ -30,6 +30,7 @@ def first_frame(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_latent_concat_adds_zero_input_weights_so_the_image_changes_nothing_at_first(tiny_model, i2v_models):
     config = json.loads((i2v_models["latent_concat"] / "transformer" / "config.json").read_text())
     assert config["in_channels"] == 33 and config["image_condition_type"] == "latent_concat"
