@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hvctl.data.formats import AUDIO_RATE
 from hvctl.errors import HvctlError
 from hvctl.generate import GenerateRecipe
 
@@ -42,7 +43,6 @@ FRAME_ALIGNED = ("audio", "expression")  # per video frame: sliced by video fram
 MASKS = ("audio_mask",)
 AVATAR_DIR = "avatar"
 WEIGHTS_FILE = "conditioners.safetensors"
-AUDIO_RATE = 16000  # Hz: what the audio encoders read and the mp4 carries
 
 
 class AvatarConditioners(nn.Module):
@@ -224,9 +224,9 @@ class ConditionEncoder:
         return encode_posterior(self.vae, frames)[0].cpu()
 
     def reference(self, image, height: int, width: int) -> torch.Tensor:
-        from hvctl.generate import fit_image
+        from hvctl.data.buckets import fit_to_bucket
 
-        return self._latent(fit_image(image, height, width)[None])
+        return self._latent(fit_to_bucket(image[None], (height, width, 1)))
 
     def pose(self, frames, height: int, width: int, count: int, source="pose video") -> torch.Tensor:
         from hvctl.data.buckets import fit_to_bucket
@@ -248,9 +248,9 @@ class ConditionEncoder:
 
     @staticmethod
     def mask(image, height: int, width: int) -> torch.Tensor:
-        from hvctl.generate import fit_image
+        from hvctl.data.buckets import fit_to_bucket
 
-        return torch.as_tensor(fit_image(image, height, width).mean(axis=-1, dtype=np.float32) / 255.0)[None]
+        return torch.as_tensor(fit_to_bucket(image[None], (height, width, 1))[0].mean(axis=-1, dtype=np.float32) / 255.0)[None]
 
     def from_files(self, files: dict, height: int, width: int, count: int, fps: float) -> dict[str, torch.Tensor]:
         """Read each given condition file ({"reference": path, "audio": path, ...}) and encode it."""
@@ -463,7 +463,8 @@ def avatar(recipe: AvatarRecipe, *, progress: bool | None = None) -> dict:
     from dataclasses import replace
 
     from hvctl import __version__
-    from hvctl.generate import _settings_dict, absolute_lora_spec, output_paths, prepare_model, resolve, resolve_device_dtype
+    from hvctl.generate import _settings_dict, absolute_lora_spec, output_paths, resolve
+    from hvctl.models.loading import prepare_model, resolve_device_dtype
     from hvctl.io import write_json_atomic
     from hvctl.models.default import default_avatar_model_dir
     from hvctl.models.loading import folder_fingerprint

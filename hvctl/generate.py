@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from hvctl import __version__
+from hvctl.data.formats import is_frame_count
 from hvctl.errors import HvctlError
 from hvctl.conditioning import condition_type, latent_channels
+from hvctl.models.loading import prepare_model, resolve_device_dtype
 from hvctl.rewrite import Rewriter, RewriteRecipe
 
 
@@ -81,7 +83,7 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
 
         for spec in r.lora:  # before any model loads
             check_lora_spec(spec)
-    if r.frames < 1 or (r.frames - 1) % 4:
+    if not is_frame_count(r.frames, image=True):
         raise HvctlError(f"--frames must be 4k+1 (1, 5, 9, 13, 17, ...), got {r.frames}")
     if r.gpu_memory is not None and not (math.isfinite(r.gpu_memory) and r.gpu_memory > 0):
         raise HvctlError(f"--gpu-memory must be a positive number of GiB, got {r.gpu_memory}")
@@ -133,22 +135,6 @@ def output_paths(r: GenerateRecipe) -> list[Path]:
         check_output_file(path, "--output")
         check_output_file(path.with_suffix(".json"), "--output")
     return paths
-
-
-def resolve_device_dtype(device: str, dtype: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise HvctlError(f"--device {device}: not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HvctlError(f"--device {device}: CUDA is not available on this machine")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return device, getattr(torch, dtype)
 
 
 class TextToVideo:
@@ -242,12 +228,13 @@ class TextToVideo:
         import torch
 
         from hvctl.conditioning import ImageCondition
+        from hvctl.data.buckets import fit_to_bucket
         from hvctl.models.vae import encode_posterior
 
         latents = []
         for image in images:
-            frame = fit_image(image, self.r.height, self.r.width)
-            mean, _ = encode_posterior(self.parts.vae, frame[None])
+            frame = fit_to_bucket(image[None], (self.r.height, self.r.width, 1))
+            mean, _ = encode_posterior(self.parts.vae, frame)
             latents.append(mean[None])
         return ImageCondition(condition_type(self.parts.transformer), torch.cat(latents).to(self.device))
 
@@ -273,28 +260,6 @@ class TextToVideo:
         from hvctl.models.vae import decode_to_frames
 
         return decode_to_frames(self.parts.vae, latents).numpy()
-
-
-def fit_image(image, height: int, width: int):
-    """[H, W, 3] uint8 -> the video's size: scaled to cover it, then centre-cropped."""
-    import numpy as np
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    scale = max(height / h, width / w)
-    size = (max(width, round(w * scale)), max(height, round(h * scale)))
-    resized = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
-    top, left = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
-    return resized[top:top + height, left:left + width].copy()  # PIL's array is read-only
-
-
-def prepare_model(model: Path | None) -> tuple[Path, dict]:
-    """The model folder to use (the embedded default when none is named) and its generation defaults."""
-    from hvctl.models.default import default_model_dir
-    from hvctl.models.loading import ModelFolder
-
-    model_dir = Path(model) if model else default_model_dir()
-    return model_dir, ModelFolder.open(model_dir).generation_defaults
 
 
 def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:

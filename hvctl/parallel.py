@@ -79,6 +79,36 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
                          "its message is above") from None
 
 
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-id", "--max-restarts")
+
+
+def without_launch_options(argv: list[str]) -> list[str]:
+    """The command line each torchrun worker runs: this one, less the options that launched it."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in LAUNCH_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in LAUNCH_OPTIONS)):
+            kept.append(arg)
+    return kept
+
+
+def relaunch(nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
+             max_restarts: int = 0, check=None) -> bool:
+    """The one place a command becomes several processes: when more than one is asked for and
+    this is not one of them, run check() (so that bad settings are one line here, not one per
+    process), then this same command line under torchrun, and return True; else return False
+    and let the caller do the work (as one process, or as one of torchrun's)."""
+    if (nproc <= 1 and nnodes <= 1) or under_torchrun():
+        return False
+    if check is not None:
+        check()
+    launch(without_launch_options(sys.argv[1:]), nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts)
+    return True
+
+
 def init_distributed(device_type: str) -> Ranks:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); one process: nothing."""
     if not under_torchrun():

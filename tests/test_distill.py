@@ -62,6 +62,7 @@ def test_the_target_is_the_teachers_guided_velocity(tiny_model, cache, tmp_path)
     assert abs(logs["guidance_mean"] - scale.mean().item()) < 1e-6
 
 
+@pytest.mark.slow
 def test_distill_writes_a_student_that_generate_and_diffusers_load(tiny_model, cache, tmp_path):
     from diffusers import HunyuanVideoPipeline
 

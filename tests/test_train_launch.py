@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,6 +15,7 @@ def _one_error_line(done) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_the_13b_stage_recipes_are_where_users_type_them():
     shown = run_cli("recipe", "show", "recipes/stage2.yaml", cwd=ROOT)
     assert shown.returncode == 0, shown.stderr
@@ -24,6 +27,7 @@ def test_the_13b_stage_recipes_are_where_users_type_them():
     assert sorted(p.name for p in (ROOT / "recipes" / "toy").glob("stage*.yaml"))[:2] == ["stage0.yaml", "stage1.yaml"]
 
 
+@pytest.mark.slow
 def test_a_bad_recipe_is_one_line_from_the_launcher(tiny_model, tmp_path):
     (tmp_path / "file").write_text("x")
     recipe = tmp_path / "bad.yaml"

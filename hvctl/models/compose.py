@@ -8,6 +8,24 @@ from pathlib import Path
 
 from hvctl.errors import HvctlError
 
+
+def compose_from_flags(base: Path, out: Path, take: list[str], dtype: str | None, defaults: list[str], i2v: str | None) -> Path:
+    """`hvctl model compose`'s flags checked and read (--take COMPONENT=DIR, --default KEY=VALUE
+    with the value read as YAML: 4 is a number, true a boolean), then compose_model."""
+    import yaml
+
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise HvctlError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    pairs = {}
+    for flag, items in (("--take", take), ("--default", defaults)):
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise HvctlError(f"{flag} {item}: expected KEY=VALUE")
+            pairs.setdefault(flag, {})[key] = Path(value) if flag == "--take" else yaml.safe_load(value)
+    return compose_model(base, out, take=pairs.get("--take"), dtype=dtype, defaults=pairs.get("--default"), i2v=i2v)
+
+
 def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None, dtype: str | None = None,
                   defaults: dict | None = None, i2v: str | None = None) -> Path:
     """i2v: make the DiT an image-to-video one of that design (hvctl/conditioning.py).

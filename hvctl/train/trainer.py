@@ -54,7 +54,7 @@ class EMA:
 
 class Trainer:
     def __init__(self, r: TrainRecipe, *, progress: bool | None = None):
-        from hvctl.generate import resolve_device_dtype
+        from hvctl.models.loading import resolve_device_dtype
         from hvctl.io import check_output_dir
         from hvctl.models.loading import load_component, ModelFolder, quiet_libraries
         from hvctl.parallel import data_rank, init_distributed, parallelize
@@ -237,7 +237,7 @@ class Trainer:
                 from hvctl.data.manifest import read_manifest
 
                 ids = [rec.id for rec in read_manifest(d.manifest)]
-            from hvctl.generate import prepare_model
+            from hvctl.models.loading import prepare_model
 
             text_len = d.text_len or prepare_model(self.base_model)[1]["text_len"]
             dataset = LatentCache(cache, text_len=text_len, split=d.split, ids=ids)
