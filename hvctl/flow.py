@@ -51,6 +51,12 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
     return (1 - sigma) * x0 + sigma * noise
 
 
+def guided(conditional: torch.Tensor, unconditional: torch.Tensor, scale) -> torch.Tensor:
+    """Classifier-free guidance: the unconditional velocity moved `scale` times the way the
+    condition moves it (scale 1: the conditional one)."""
+    return unconditional + scale * (conditional - unconditional)
+
+
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 

@@ -1,4 +1,5 @@
-"""The training recipe (`kind: train`): one schema for DiT and VAE runs. Imports no torch."""
+"""The training recipe (`kind: train`): one schema for DiT and VAE runs, which variants
+(hvctl/train/specs.py) extend. Imports no torch."""
 
 from __future__ import annotations
 
@@ -132,6 +133,8 @@ class ValidationConfig:
 @dataclass
 class TrainRecipe:
     KIND: ClassVar[str] = "train"
+    # The training variant (hvctl/train/specs.py) of a recipe kind of its own; None: read from the keys.
+    VARIANT: ClassVar[str | None] = None
     LIMITS: ClassVar[dict] = {"steps": ">= 1", "seed": "[0, 9223372036854775807]", "ema_decay": "[0, 1)", "nproc": ">= 1",
                               "max_restarts": ">= 0", "log_every": ">= 1"}
     target: Literal["dit", "vae"] = "dit"
@@ -169,22 +172,6 @@ class TrainRecipe:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
-@dataclass
-class DistillRecipe(TrainRecipe):
-    """`hvctl distill`: classifier-free-guidance distillation. The student is the teacher's DiT
-    plus a guidance embedding, starting from the teacher's weights; it learns the teacher's
-    guided velocity in one pass. Every other key is the trainer's (checkpoints, resume, parallel)."""
-
-    KIND: ClassVar[str] = "distill"
-    LIMITS: ClassVar[dict] = {**TrainRecipe.LIMITS, "guidance_range": ">= 1", "student_guidance": ">= 0"}
-    teacher: Path | None = None  # a model folder whose DiT has no guidance embedding
-    guidance_range: tuple[float, float] = (1.0, 8.0)  # the scale w, drawn uniformly per sample
-    guidance_embedder_init: Literal["zero", "random"] = "zero"  # zero: the student starts as the teacher's conditional pass
-    # The embedded guidance the student's folder defaults to; None: the teacher's scale (6 when it is 1).
-    # A tiny student may need more than the teacher's scale for the same look (README: distill).
-    student_guidance: float | None = None
-
-
 def check_paths(r: TrainRecipe) -> None:
     """Check every path a resolved train/distill recipe names, before any process starts: a bad
     recipe is then one line from the launcher, not one from each of N ranks."""
@@ -192,14 +179,16 @@ def check_paths(r: TrainRecipe) -> None:
     from hvctl.io import check_output_dir
     from hvctl.models.loading import ModelFolder
     from hvctl.models.presets import get_preset
+    from hvctl.train.specs import spec_for
 
     if r.out is None:
         raise HvctlError("train needs an output folder ('out' in the recipe or --out)")
     check_output_dir(r.out, "out:")
-    if r.KIND == "distill":
-        if r.teacher is None:
-            raise HvctlError("distill needs 'teacher' (a model folder) and target: dit")
-        ModelFolder.open(r.teacher)
+    spec = spec_for(r)
+    spec.check(r)
+    start = getattr(r, spec.model_key)
+    if spec.model_key != "model":  # the variant starts from a folder of its own (distill: the teacher)
+        ModelFolder.open(start)
     elif r.model is not None:
         folder = ModelFolder.open(r.model)
         if not folder.has_weights and not r.reinit:

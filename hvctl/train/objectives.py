@@ -107,32 +107,6 @@ class FlowMatchingObjective:
         return (squared * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4))
 
 
-class GuidanceDistillationObjective(FlowMatchingObjective):
-    """CFG distillation: the student, in one pass with the guidance scale embedded, regresses the
-    teacher's classifier-free-guided velocity v_u + w (v_c - v_u), w drawn per sample."""
-
-    def __init__(self, flow, empty_text: dict | None, teacher, guidance_range: tuple[float, float]):
-        if empty_text is None:
-            raise HvctlError("distillation needs the empty prompt's text states in the cache (re-run hvctl encode)")
-        super().__init__(flow, empty_text, 0.0)
-        self.teacher, self.guidance_range = teacher, guidance_range
-
-    def __call__(self, model, batch: dict, generator: torch.Generator, *, step: int = 0, stratum=None):
-        b = self.noised(batch, generator, stratum)
-        n = b["x0"].shape[0]
-        low, high = self.guidance_range
-        scale = low + (high - low) * torch.rand(n, generator=generator)
-        e = self.empty_text
-        empty = (e["text_states"].float().expand(n, -1, -1), e["text_mask"].expand(n, -1), e["pooled"].float().expand(n, -1))
-        with torch.no_grad():
-            conditional = self.predict(self.teacher, b["x0"], b["noise"], b["sigma"], b["text"])
-            unconditional = self.predict(self.teacher, b["x0"], b["noise"], b["sigma"], empty)
-            target = unconditional + scale.view(n, 1, 1, 1, 1).to(conditional.device) * (conditional - unconditional)
-        prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], scale)
-        loss = self.per_sample_loss(batch, F.mse_loss(prediction, target, reduction="none")).mean()
-        return loss, {"loss": loss.item(), "guidance_mean": scale.mean().item()}
-
-
 class PatchDiscriminator3D(nn.Module):
     """A small PatchGAN over space-time: real/fake logits per patch (hinge loss)."""
 
