@@ -144,7 +144,7 @@ class TrainRecipe:
     init_overrides: dict[str, dict] | None = None  # with init_preset: {vae: {latent_channels: 8}, transformer: {...}}
     trainable: list[str] | None = None  # parameter-name prefixes to train (e.g. [decoder]); None: all
     lora: LoraSettings | None = None  # DiT only: train LoRA adapters instead (hvctl/lora.py); None: full weights
-    # Make a text-to-video DiT image-to-video before training (hvctl/conditioning.py); a model that
+    # Make a text-to-video DiT image-to-video before training (hvctl/i2v.py); a model that
     # already is one is trained as it is.
     i2v: Literal["latent_concat", "token_replace"] | None = None
     avatar: AvatarSettings | None = None  # DiT only: audio-, pose- and expression-driven animation of a reference

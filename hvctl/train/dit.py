@@ -3,7 +3,7 @@
 DitSpec trains the transformer's full weights, a `trainable` subset of them, or, with `reinit`, a
 fresh init of its config. The modifiers are mixins (hvctl/train/specs.py) that compose with it and
 with the variants built on it:
-- I2vModifier makes the loaded model image-to-video first (hvctl/conditioning.py holds the maths;
+- I2vModifier makes the loaded model image-to-video first (hvctl/i2v.py holds the maths;
   the objective conditions each clip on its own first frame once the model is i2v);
 - LoraModifier adds adapters after the model is built and trains them alone; export merges them
   into the base weights and writes the adapter file beside the model.
@@ -136,7 +136,7 @@ class I2vModifier:
         super().check(r)
 
     def load(self, t, folder):
-        from hvctl.conditioning import condition_type, expand_for_i2v
+        from hvctl.i2v import condition_type, expand_for_i2v
 
         model = super().load(t, folder)
         if condition_type(model) is None:

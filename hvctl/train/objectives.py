@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvctl.conditioning import training_condition
+from hvctl.i2v import training_condition
 from hvctl.errors import HvctlError
-from hvctl.flow import add_noise, loss_weights, sample_training_sigmas, timestep_from_sigma, velocity_target
+from hvctl.flow import add_noise, loss_weights, sample_training_sigmas, transformer_velocity, velocity_target
 
 
 class FlowMatchingObjective:
@@ -59,7 +59,7 @@ class FlowMatchingObjective:
     @staticmethod
     def predict(model, x0, noise, sigma, text, guidance=None, image=None, avatar=None):
         """The model's velocity for x0 noised to sigma; guidance: per-sample scales for an embedding;
-        image: an image-to-video model's condition (hvctl/conditioning.py); avatar: the
+        image: an image-to-video model's condition (hvctl/i2v.py); avatar: the
         conditioners' inputs (hvctl/avatar.py)."""
         from hvctl.avatar import conditions_context
 
@@ -71,12 +71,9 @@ class FlowMatchingObjective:
         noisy = add_noise(x0, noise, sigma)
         avatar = None if avatar is None else {k: v.to(device) for k, v in avatar.items()}
         with conditions_context(model, avatar):
-            return model(
-                hidden_states=(noisy if image is None else image.model_input(noisy)).to(device), timestep=timestep_from_sigma(sigma).to(device),
-                encoder_hidden_states=states[:, :longest].to(device), encoder_attention_mask=mask[:, :longest].to(device),
-                pooled_projections=pooled.to(device),
-                guidance=None if guidance is None else (guidance * 1000.0).to(device), return_dict=False,
-            )[0].float()
+            return transformer_velocity(model, (noisy if image is None else image.model_input(noisy)).to(device), sigma,
+                                        states[:, :longest].to(device), mask[:, :longest].to(device), pooled.to(device),
+                                        guidance).float()
 
     def __call__(self, model, batch: dict, generator: torch.Generator, *, step: int = 0, stratum=None):
         """stratum (j, n): this is micro-batch j of the n that make one optimizer step."""
