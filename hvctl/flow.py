@@ -52,9 +52,10 @@ def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next)
     return (latents.float() + (sigma_next - sigma) * velocity.float()).to(latents.dtype)
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The point at noise level sigma on the straight path from x0 to noise (sigma per sample)."""
-    sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """The point at noise level sigma on the straight path from x0 to noise (sigma per sample, or one number)."""
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
     return (1 - sigma) * x0 + sigma * noise
 
 
