@@ -323,13 +323,13 @@ def curate(
         Console().print(summary_table(result))
 
 
-def _train_command(schema_name: str, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
+def _train_command(kind: str, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
                    overrides, as_json) -> None:
     from hvctl.parallel import relaunch, under_torchrun
-    from hvctl.recipe import load_recipe
+    from hvctl.recipe import load_recipe, schema_for_kind
     from hvctl.train import config as train_config
 
-    config = load_recipe(getattr(train_config, schema_name), recipe, overrides or (),
+    config = load_recipe(schema_for_kind(kind), recipe, overrides or (),
                          values=dict(out=out, steps=steps, device=device, nproc=nproc, max_restarts=max_restarts))
     if config.nproc < 1 or nnodes < 1:
         raise HvctlError(f"--nproc {config.nproc}, --nnodes {nnodes}: both must be at least 1")
@@ -344,7 +344,7 @@ def _train_command(schema_name: str, recipe, out, steps, device, nproc, nnodes, 
         emit(result, as_json, f"trained {result['steps']} steps on {result['processes']} process(es); model: {result['model']}")
 
 
-def _training_command(schema_name: str, kind: str, doc: str):
+def _training_command(kind: str, doc: str):
     """`hvctl train` and `hvctl distill`: one command line, two recipe schemas."""
 
     def command(
@@ -361,7 +361,7 @@ def _training_command(schema_name: str, kind: str, doc: str):
         overrides: Optional[list[str]] = SET_OPTION,
         as_json: bool = JSON_OPTION,
     ):
-        _train_command(schema_name, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
+        _train_command(kind, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
                        overrides, as_json)
 
     command.__doc__ = doc
@@ -369,9 +369,9 @@ def _training_command(schema_name: str, kind: str, doc: str):
 
 
 app.command("train")(_training_command(
-    "TrainRecipe", "train", "Train the DiT (flow matching) or the VAE; resumes exactly from the run folder's last checkpoint."))
+    "train", "Train the DiT (flow matching) or the VAE; resumes exactly from the run folder's last checkpoint."))
 app.command("distill")(_training_command(
-    "DistillRecipe", "distill", "Distil classifier-free guidance into a guidance-embedded student (one pass per step); "
+    "distill", "Distil classifier-free guidance into a guidance-embedded student (one pass per step); "
     "trains like `train`."))
 
 

@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 from hvctl import __version__
 from hvctl.data.formats import is_frame_count
 from hvctl.errors import HvctlError
-from hvctl.conditioning import condition_type, latent_channels
+from hvctl.i2v import condition_type, latent_channels
 from hvctl.models.loading import prepare_model, resolve_device_dtype
 from hvctl.rewrite import Rewriter, RewriteRecipe
 
@@ -106,12 +106,11 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
         r.embedded_guidance = 6.0
     if not guidance_embeds and recipe.embedded_guidance is not None:
         raise HvctlError("--embedded-guidance given, but this model has no guidance embedding (use --guidance-scale)")
-    if recipe.flow_shift is None and r.image is not None:  # the official I2V's: 7 with stability, 17 without
-        r.flow_shift = 7.0 if r.i2v_stability else 17.0
-    elif recipe.flow_shift is None:  # the shift follows the step count unless set
+    if recipe.flow_shift is None:  # the shift follows the step count (or the I2V design) unless set
         from hvctl.flow import default_flow_shift
 
-        r.flow_shift = default_flow_shift(r.steps, defaults["flow_shift"])
+        r.flow_shift = default_flow_shift(r.steps, defaults["flow_shift"],
+                                          i2v_stability=r.i2v_stability if r.image is not None else None)
     if r.seed is None:
         r.seed = random.randrange(2**31)
     r.negative_prompt = r.negative_prompt or ""
@@ -227,8 +226,8 @@ class TextToVideo:
         encoded (posterior mean, already scaled like the video latents by encode_posterior)."""
         import torch
 
-        from hvctl.conditioning import ImageCondition
         from hvctl.data.buckets import fit_to_bucket
+        from hvctl.i2v import ImageCondition
         from hvctl.models.vae import encode_posterior
 
         latents = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hvctl.conditioning import CONDITION_TYPES
+from hvctl.i2v import CONDITION_TYPES
 from hvctl.video import read_image, write_image
 from test_i2v_official import PROMPT, TEXT_LEN, build_official_i2v, diffusers_pipeline, diffusers_template, hvctl_t2v
 

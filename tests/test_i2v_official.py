@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hvctl.conditioning import CONDITION_TYPES
+from hvctl.i2v import CONDITION_TYPES
 from hvctl.video import read_image, read_video, write_image
 
 PROMPT = "a red circle moves left on a black background"

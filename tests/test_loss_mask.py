@@ -19,7 +19,8 @@ from hvctl.encode import EncodeRecipe, encode, pool_loss_mask
 from hvctl.errors import HvctlError
 from hvctl.toy.world import ToySample, object_mask, render, sample_spec
 from hvctl.train.config import FlowConfig
-from hvctl.train.objectives import FlowMatchingObjective, GuidanceDistillationObjective
+from hvctl.train.distill import GuidanceDistillationObjective
+from hvctl.train.objectives import FlowMatchingObjective
 from hvctl.video import read_image, read_video, write_image, write_video
 
 

@@ -313,3 +313,32 @@ def test_activation_checkpointing_wraps_the_chosen_blocks_in_place():
     wrapped = [getattr(b.forward, "func", None).__name__ for b in _blocks(model)]
     assert wrapped == ["checkpoint", "offloaded", "checkpoint", "offloaded"]
     assert list(model.state_dict()) == keys  # diffusers' keys: the export stays a diffusers folder
+
+
+def test_each_recipe_gets_its_variants_spec_and_modifiers_compose():
+    from hvctl.lora import LoraSettings
+    from hvctl.train.config import AvatarSettings
+    from hvctl.train.distill import DistillRecipe, DistillSpec
+    from hvctl.train.dit import DitSpec, I2vModifier, LoraModifier
+    from hvctl.train.specs import spec_for
+    from hvctl.train.vae import VaeSpec
+
+    assert type(spec_for(TrainRecipe())) is DitSpec and type(spec_for(TrainRecipe(target="vae"))) is VaeSpec
+    assert spec_for(TrainRecipe(avatar=AvatarSettings())).name == "avatar"
+    assert isinstance(spec_for(DistillRecipe(teacher="t")), DistillSpec)
+    # Modifiers wrap the base variant, LoRA outermost: i2v expands the loaded model before the adapters go on.
+    mro = type(spec_for(TrainRecipe(i2v="token_replace", lora=LoraSettings()))).__mro__
+    assert mro[:3] == (mro[0], LoraModifier, I2vModifier) and DitSpec in mro
+    for recipe, message in [(TrainRecipe(target="vae", lora=LoraSettings()), "lora: trains the DiT"),
+                            (TrainRecipe(lora=LoraSettings(), trainable=["x"]), "lora: trains the DiT"),
+                            (TrainRecipe(avatar=AvatarSettings(), lora=LoraSettings()), "avatar: trains"),
+                            (DistillRecipe(), "distill needs 'teacher'")]:
+        with pytest.raises(HvctlError, match=message):
+            spec_for(recipe).check(recipe)
+    # The loop names no variant: every difference is the spec's.
+    from pathlib import Path
+
+    import hvctl.train.trainer as trainer
+
+    source = Path(trainer.__file__).read_text()
+    assert not any(f"r.{key}" in source for key in ("lora", "avatar", "i2v", "teacher", "target", "reinit", "trainable"))

@@ -28,7 +28,7 @@ def compose_from_flags(base: Path, out: Path, take: list[str], dtype: str | None
 
 def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None, dtype: str | None = None,
                   defaults: dict | None = None, i2v: str | None = None) -> Path:
-    """i2v: make the DiT an image-to-video one of that design (hvctl/conditioning.py).
+    """i2v: make the DiT an image-to-video one of that design (hvctl/i2v.py).
 
     A LLaVA text encoder (`--take text_encoder=` an official I2V folder) makes the folder one that
     diffusers' HunyuanVideoImageToVideoPipeline loads: its tokenizer and image processor come
@@ -64,7 +64,7 @@ def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None,
         else:
             components[name] = load_component(source, name, dtype=torch.float32)  # applies to weighted parts only
     if i2v is not None:
-        from hvctl.conditioning import expand_for_i2v
+        from hvctl.i2v import expand_for_i2v
 
         components["transformer"] = expand_for_i2v(components["transformer"], i2v)
     generation = {k: v for k, v in folder.generation_defaults.items() if k != "guidance_embeds"}

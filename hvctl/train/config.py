@@ -1,4 +1,5 @@
-"""The training recipe (`kind: train`): one schema for DiT and VAE runs. Imports no torch."""
+"""The training recipe (`kind: train`): one schema for DiT and VAE runs, which variants
+(hvctl/train/specs.py) extend. Imports no torch."""
 
 from __future__ import annotations
 
@@ -132,6 +133,8 @@ class ValidationConfig:
 @dataclass
 class TrainRecipe:
     KIND: ClassVar[str] = "train"
+    # The training variant (hvctl/train/specs.py) of a recipe kind of its own; None: read from the keys.
+    VARIANT: ClassVar[str | None] = None
     LIMITS: ClassVar[dict] = {"steps": ">= 1", "seed": "[0, 9223372036854775807]", "ema_decay": "[0, 1)", "nproc": ">= 1",
                               "max_restarts": ">= 0", "log_every": ">= 1"}
     target: Literal["dit", "vae"] = "dit"
@@ -141,7 +144,7 @@ class TrainRecipe:
     init_overrides: dict[str, dict] | None = None  # with init_preset: {vae: {latent_channels: 8}, transformer: {...}}
     trainable: list[str] | None = None  # parameter-name prefixes to train (e.g. [decoder]); None: all
     lora: LoraSettings | None = None  # DiT only: train LoRA adapters instead (hvctl/lora.py); None: full weights
-    # Make a text-to-video DiT image-to-video before training (hvctl/conditioning.py); a model that
+    # Make a text-to-video DiT image-to-video before training (hvctl/i2v.py); a model that
     # already is one is trained as it is.
     i2v: Literal["latent_concat", "token_replace"] | None = None
     avatar: AvatarSettings | None = None  # DiT only: audio-, pose- and expression-driven animation of a reference
@@ -172,22 +175,6 @@ class TrainRecipe:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
-@dataclass
-class DistillRecipe(TrainRecipe):
-    """`hvctl distill`: classifier-free-guidance distillation. The student is the teacher's DiT
-    plus a guidance embedding, starting from the teacher's weights; it learns the teacher's
-    guided velocity in one pass. Every other key is the trainer's (checkpoints, resume, parallel)."""
-
-    KIND: ClassVar[str] = "distill"
-    LIMITS: ClassVar[dict] = {**TrainRecipe.LIMITS, "guidance_range": ">= 1", "student_guidance": ">= 0"}
-    teacher: Path | None = None  # a model folder whose DiT has no guidance embedding
-    guidance_range: tuple[float, float] = (1.0, 8.0)  # the scale w, drawn uniformly per sample
-    guidance_embedder_init: Literal["zero", "random"] = "zero"  # zero: the student starts as the teacher's conditional pass
-    # The embedded guidance the student's folder defaults to; None: the teacher's scale (6 when it is 1).
-    # A tiny student may need more than the teacher's scale for the same look (README: distill).
-    student_guidance: float | None = None
-
-
 def check_paths(r: TrainRecipe) -> None:
     """Check every path a resolved train/distill recipe names, before any process starts: a bad
     recipe is then one line from the launcher, not one from each of N ranks."""
@@ -195,14 +182,16 @@ def check_paths(r: TrainRecipe) -> None:
     from hvctl.io import check_output_dir
     from hvctl.models.loading import ModelFolder
     from hvctl.models.presets import get_preset
+    from hvctl.train.specs import spec_for
 
     if r.out is None:
         raise HvctlError("train needs an output folder ('out' in the recipe or --out)")
     check_output_dir(r.out, "out:")
-    if r.KIND == "distill":
-        if r.teacher is None:
-            raise HvctlError("distill needs 'teacher' (a model folder) and target: dit")
-        ModelFolder.open(r.teacher)
+    spec = spec_for(r)
+    spec.check(r)
+    start = getattr(r, spec.model_key)
+    if spec.model_key != "model":  # the variant starts from a folder of its own (distill: the teacher)
+        ModelFolder.open(start)
     elif r.model is not None:
         folder = ModelFolder.open(r.model)
         if not folder.has_weights and not r.reinit:
@@ -234,7 +223,7 @@ def check_parallel(r: TrainRecipe) -> None:
     stage may train on splits its video tokens evenly over the ulysses x ring ranks."""
     from hvctl.accelerate import training_attention_backend
     from hvctl.data.buckets import BucketConfig
-    from hvctl.generate import resolve_device_dtype
+    from hvctl.models.loading import resolve_device_dtype
     from hvctl.models.loading import ModelFolder
     from hvctl.models.presets import get_preset, with_overrides
     from hvctl.parallel import check_sequence_split
