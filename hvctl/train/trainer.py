@@ -119,6 +119,9 @@ class Trainer:
         self.data_index, self.data_count = data_rank(self.mesh) if self.mesh is not None else (0, 1)
         self.dataset, self.sampler, self.objective = self._data_and_objective()
         self.bucket_of = {i: bucket for bucket, ix in self.dataset.buckets.items() for i in ix}
+        from hvctl.data.device_cache import preload
+
+        self.preloaded = preload(self.dataset, self.sampler, r.data.preload, self.device, r.target)
         if r.avatar is not None and self.model.avatar.config["window"]["frames"] is None:
             # Long avatar videos are made in windows as long as the longest clips trained on.
             clip_frames = [bucket[2] for stream in self.sampler.streams.values() for bucket in stream]
@@ -340,6 +343,8 @@ class Trainer:
             return collate([self.dataset[i] for i in indices]), generator, stratum
         # A caption variant per sample: field dropout and permutation, precomputed by encode.
         variants = torch.randint(0, 1 << 30, (len(indices),), generator=generator).tolist()
+        if self.preloaded is not None:
+            return self.preloaded.batch(indices, variants), generator, stratum
         return collate([self.dataset.item(i, v) for i, v in zip(indices, variants)]), generator, stratum
 
     def train_step(self) -> dict:
