@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from hvctl.cache import LatentCache
 from hvctl.data.batching import collate
-from hvctl.data.device_cache import PreloadedCache
+from hvctl.data.device_cache import PreloadedCache, estimate_bytes
 from hvctl.encode import EncodeRecipe, encode
 from hvctl.errors import HvctlError
 from hvctl.recipe import load_recipe
@@ -47,6 +47,9 @@ def test_a_gather_is_the_collated_batch(toy_cache, text_len):
     cache = LatentCache(toy_cache, text_len=text_len or 64)
     preloaded = PreloadedCache(cache, list(range(len(cache))), "cpu")
     assert preloaded.buckets and len(preloaded.where) == len(cache)
+    stored = sum(t.numel() * t.element_size() for b in preloaded.buckets.values()
+                 for t in (b.latent_mean, b.latent_std, b.loss_mask, b.text, b.text_tokens, b.pooled))
+    assert estimate_bytes(cache, list(range(len(cache)))) == stored  # the fit check's estimate is exact
     for indices in cache.buckets.values():
         for variants in ([0] * len(indices), list(range(5, 5 + len(indices))), [2**29 + 7] * len(indices)):
             expected = collate([cache.item(i, v) for i, v in zip(indices, variants)])

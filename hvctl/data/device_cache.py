@@ -49,19 +49,25 @@ def _bytes(tensor_slice) -> int:
 
 def estimate_bytes(cache: LatentCache, indices: list[int]) -> int:
     """What preloading these samples takes, from the shards' headers (no tensor is read)."""
-    total = 0
+    total, text_rows = 0, {}  # bucket -> [rows, longest caption, bytes per token]
     for i in indices:
         e = cache.entries[i]
         f = cache.handle(e.shard)
         size = lambda name: _bytes(f.get_slice(f"{e.key}.{name}"))  # noqa: E731, B023
         mean = f.get_slice(f"{e.key}.latent_mean")
-        text = f.get_slice(f"{e.key}.text.0")
-        # mean and std, and a loss mask of one channel; text rows at text_len (at most), their lengths
+        # mean and std, and a loss mask of one channel; conditions; pooled vectors and caption lengths
         total += 2 * _bytes(mean) + _bytes(mean) // max(mean.get_shape()[0], 1)
-        text_row = cache.text_len * text.get_shape()[-1] * DTYPE_BYTES.get(text.get_dtype(), 4)
-        total += e.text_variants * (text_row + 8 + size("pooled.0"))
         total += sum(size(f"cond.{name}") for name in e.conditions)
-    return total
+        rows = text_rows.setdefault(e.bucket, [0, 0, 0])
+        for v in range(e.text_variants):
+            total += size(f"pooled.{v}") + 8
+            text = f.get_slice(f"{e.key}.text.{v}")
+            tokens, dim = text.get_shape()
+            rows[0] += 1
+            rows[1] = max(rows[1], min(tokens, cache.text_len))
+            rows[2] = dim * DTYPE_BYTES.get(text.get_dtype(), 4)
+    # text rows are padded to their bucket's longest caption
+    return total + sum(n * longest * per_token for n, longest, per_token in text_rows.values())
 
 
 def free_bytes(device: torch.device) -> int:
