@@ -294,10 +294,14 @@ class LatentCache(torch.utils.data.Dataset):
 
         return group_by_bucket([e.bucket for e in self.entries])
 
-    def _tensor(self, shard: str, name: str) -> torch.Tensor:
+    def handle(self, shard: str):
+        """The shard's open safetensors file (kept open: shards hold many samples)."""
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(shard_dir(self.root) / shard), framework="pt")
-        return self._handles[shard].get_tensor(name)
+        return self._handles[shard]
+
+    def _tensor(self, shard: str, name: str) -> torch.Tensor:
+        return self.handle(shard).get_tensor(name)
 
     def pad_text(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = min(states.shape[0], self.text_len)

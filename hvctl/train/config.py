@@ -62,6 +62,9 @@ class DataConfig:
     # The cache records which VAE and text encoders made it; training refuses other encoders than
     # the model's unless this says they are the same (e.g. a copy re-saved in another dtype).
     accept_foreign_cache: bool = False
+    # none: read each sample from the cache's shards; device: the whole cache stacked on the training
+    # device once, a micro-batch a gather (hvctl/data/device_cache.py); cpu: stacked in CPU memory.
+    preload: Literal["none", "cpu", "device"] = "none"
 
 
 @dataclass

@@ -95,11 +95,18 @@ class DitSpec(TrainSpec):
 
         return FlowMatchingObjective(t.r.flow, dataset.empty_text(), t.r.data.empty_prompt_rate)
 
+    def ready(self, t) -> None:
+        from hvctl.data.device_cache import preload
+
+        self.preloaded = preload(t.dataset, t.sampler, t.r.data.preload, t.device)
+
     def batch(self, t, indices, generator) -> dict:
         from hvctl.data.batching import collate
 
         # A caption variant per sample: field dropout and permutation, precomputed by encode.
         variants = torch.randint(0, 1 << 30, (len(indices),), generator=generator).tolist()
+        if self.preloaded is not None:
+            return self.preloaded.batch(indices, variants)
         return collate([t.dataset.item(i, v) for i, v in zip(indices, variants)])
 
     def batch_cost(self, t, indices) -> float:

@@ -14,6 +14,10 @@ from hvctl.train.specs import TrainSpec, register
 class VaeSpec(TrainSpec):
     component = "vae"
 
+    def check(self, r) -> None:
+        if r.data.preload != "none":
+            raise HvctlError(f"data.preload: {r.data.preload} stacks a DiT's latent cache; a VAE run reads media (set none)")
+
     def build(self, t, folder) -> torch.nn.Module:
         from hvctl.models.loading import component_from_config, load_component
         from hvctl.train.dit import freeze_all_but
