@@ -93,3 +93,50 @@ class DpoObjective(FlowMatchingObjective):
             accuracy = (margin > 0).float().mean()
         return loss, {"loss": loss.item(), "margin": margin.mean().item(), "reward_accuracy": accuracy.item(),
                       "chosen_err": err[:n].mean().item(), "rejected_err": err[n:].mean().item()}
+
+
+class PairDataset:
+    """`hvctl prefer`'s pairs over its cache: item i is pair i, the chosen sample's tensors (text,
+    masks, latent posterior) plus the rejected one's posterior as rejected.latent_mean/_std."""
+
+    def __init__(self, cache, records, source: str = "data.manifest"):
+        roles: dict[str, dict[str, str]] = {}
+        for rec in records:
+            p = rec.extra.get("preference")
+            if isinstance(p, dict) and p.get("role") in ("chosen", "rejected") and p.get("pair") is not None:
+                roles.setdefault(str(p["pair"]), {})[p["role"]] = rec.id
+        index = {e.id: i for i, e in enumerate(cache.entries)}
+        self.cache, self.pairs = cache, []
+        for pair, ids in sorted(roles.items()):
+            if len(ids) == 2 and ids["chosen"] in index and ids["rejected"] in index:
+                chosen, rejected = index[ids["chosen"]], index[ids["rejected"]]
+                if cache.entries[chosen].bucket != cache.entries[rejected].bucket:
+                    raise HvctlError(f"{source}: pair {pair}: chosen and rejected differ in size "
+                                     f"({cache.entries[chosen].bucket} vs {cache.entries[rejected].bucket})")
+                self.pairs.append((chosen, rejected))
+        if not self.pairs:
+            raise HvctlError(f"{source}: no preference pairs with both clips cached (records need "
+                             "preference: {pair, role}; make them with hvctl prefer)")
+        self.entries = [cache.entries[c] for c, _ in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def buckets(self) -> dict[tuple[int, int, int], list[int]]:
+        from hvctl.data.batching import group_by_bucket
+
+        return group_by_bucket([e.bucket for e in self.entries])
+
+    def item(self, index: int, variant: int = 0) -> dict:
+        chosen, rejected = self.pairs[index]
+        item = self.cache.item(chosen, variant)
+        other = self.cache.item(rejected, 0)
+        item["rejected.latent_mean"], item["rejected.latent_std"] = other["latent_mean"], other["latent_std"]
+        return item
+
+    def __getitem__(self, index: int) -> dict:
+        return self.item(index)
+
+    def empty_text(self) -> dict | None:
+        return self.cache.empty_text()

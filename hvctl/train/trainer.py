@@ -105,6 +105,7 @@ class Trainer:
                 from hvctl.lora import init_lora_from_file
 
                 init_lora_from_file(self.model, r.lora)
+        self.reference = self._dpo_reference() if r.dpo is not None else None
         self.model_class = type(self.model)  # FSDP and replicate swap the instance's class
         self.mesh = parallelize(self.model, self.ranks, self.device.type, r.parallel,
                                 param_dtype=None if r.precision == "float32" else getattr(torch, r.precision))
@@ -116,6 +117,9 @@ class Trainer:
             # Long avatar videos are made in windows as long as the longest clips trained on.
             clip_frames = [bucket[2] for stream in self.sampler.streams.values() for bucket in stream]
             self.model.avatar.config["window"]["frames"] = max(clip_frames)
+        if r.dpo is not None and r.dpo.rounds is not None:  # a round: each pair once (full micro-batches)
+            micro_batches = sum(len(ix) // r.data.batch_size for stream in self.sampler.streams.values() for ix in stream.values())
+            r.steps = r.dpo.rounds * math.ceil(micro_batches / (r.optim.grad_accumulation * self.data_count))
         self.vae_config = folder.component_config("vae") if r.target == "dit" else {}
         o = r.optim
         trained = [p for p in self.model.parameters() if p.requires_grad]
@@ -143,6 +147,18 @@ class Trainer:
             torch.nn.init.zeros_(last.weight)
             torch.nn.init.zeros_(last.bias)
         return teacher, student
+
+    def _dpo_reference(self):
+        """DPO's frozen reference: the starting model. A LoRA run from a zero adapter needs no copy
+        (the model with its adapters off is the reference: None)."""
+        r = self.r
+        if r.target != "dit" or r.avatar is not None or self.teacher is not None:
+            raise HvctlError("dpo: trains a text-to-video DiT (target: dit, no avatar, not distill)")
+        if r.lora is not None and r.lora.init is None:
+            return None
+        import copy
+
+        return copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def _attach_conditioners(self, folder) -> None:
         """The avatar conditioners: the base model's own, else new ones from the recipe."""
@@ -225,11 +241,16 @@ class Trainer:
             from hvctl.train.objectives import FlowMatchingObjective
 
             cache = Path(d.cache) if d.cache else self._encode_here(buckets)
-            ids = None
+            ids = records = None
             if d.manifest is not None:
                 from hvctl.data.manifest import read_manifest
 
-                ids = [rec.id for rec in read_manifest(d.manifest)]
+                records = read_manifest(d.manifest)
+                ids = [rec.id for rec in records]
+                if d.select is not None:  # SFT: the best samples by a score
+                    from hvctl.data.select import select_ids
+
+                    ids = select_ids(records, d.select, f"data.manifest {d.manifest}")
             from hvctl.generate import prepare_model
 
             text_len = d.text_len or prepare_model(self.base_model)[1]["text_len"]
@@ -245,7 +266,14 @@ class Trainer:
                                  "(set each manifest record's loss_mask, then run hvctl encode again)")
             if self.r.avatar is not None:
                 self._check_cached_conditions(dataset)
-            if self.teacher is not None:
+            if d.task_ratio is not None and self.r.dpo is not None:
+                raise HvctlError("data.task_ratio: dpo trains on its pairs' own task; leave task_ratio out")
+            if self.r.dpo is not None:
+                from hvctl.train.dpo import DpoObjective, PairDataset
+
+                dataset = PairDataset(dataset, records, f"data.manifest {d.manifest}")
+                objective = DpoObjective(self.r.flow, self.r.dpo.beta, self.reference)
+            elif self.teacher is not None:
                 from hvctl.train.objectives import GuidanceDistillationObjective
 
                 if self.r.parallel.ring * self.r.parallel.ulysses > 1:  # the teacher sees whole inputs too
@@ -255,8 +283,13 @@ class Trainer:
                 objective = GuidanceDistillationObjective(self.r.flow, dataset.empty_text(), self.teacher,
                                                           tuple(self.r.guidance_range))
             else:
+                tasks = None
+                if d.task_ratio is not None:
+                    from hvctl.conditioning import check_task_ratio
+
+                    tasks = check_task_ratio(d.task_ratio, self.model)
                 objective = FlowMatchingObjective(self.r.flow, dataset.empty_text(), d.empty_prompt_rate,
-                                                  condition_drop=self.r.avatar.drop if self.r.avatar else None)
+                                                  condition_drop=self.r.avatar.drop if self.r.avatar else None, tasks=tasks)
         # A stage trains on its own buckets and media only (a cache may hold more).
         stage = BucketConfig(aspect_buckets=d.aspect_buckets, frame_buckets=d.frame_buckets)
         stage_buckets = {b: ix for b, ix in dataset.buckets.items() if stage.admits(b, d.media)}
