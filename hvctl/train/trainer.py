@@ -272,6 +272,10 @@ class Trainer:
                 from hvctl.train.dpo import DpoObjective, PairDataset
 
                 dataset = PairDataset(dataset, records, f"data.manifest {d.manifest}")
+                if self.reference is not None and self.r.parallel.ring * self.r.parallel.ulysses > 1:
+                    from hvctl.parallel import apply_sequence_parallel  # the reference sees whole inputs too
+
+                    apply_sequence_parallel(self.reference, self.mesh)
                 objective = DpoObjective(self.r.flow, self.r.dpo.beta, self.reference)
             elif self.teacher is not None:
                 from hvctl.train.objectives import GuidanceDistillationObjective
