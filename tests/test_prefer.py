@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from conftest import run_cli
 from hvctl.errors import HvctlError
 from hvctl.prefer import PreferRecipe, pick_pair, prefer, read_prompts
 
@@ -99,13 +98,3 @@ def test_labels_scorer_checks_its_file(tmp_path):
         plugins.create("scorer", "labels", path=str(bad))
     with pytest.raises(HvctlError, match="needs option 'path'"):
         plugins.create("scorer", "labels")
-
-
-def test_prefer_cli_bad_input_is_one_line(tmp_path):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle moves left on a black background\n")
-    done = run_cli("prefer", prompts, "--out", tmp_path / "o", "--videos", "1")
-    assert done.returncode != 0 and done.stderr.strip().startswith("error:") and "videos" in done.stderr
-    assert "Traceback" not in done.stderr
-    done = run_cli("prefer", tmp_path / "missing.txt", "--out", tmp_path / "o")
-    assert done.returncode != 0 and "missing.txt not found" in done.stderr and "Traceback" not in done.stderr
