@@ -114,7 +114,7 @@ class ImageCondition:
 
     def initial(self, noise: torch.Tensor, stability: bool) -> torch.Tensor:
         latents = noise
-        if stability:
+        if stability and self.image_latent.shape[2] > 0:  # t2v (no frame given) starts from pure noise
             latents = STABILITY_NOISE * noise + (1 - STABILITY_NOISE) * self.image_latent.to(noise)
         return self.after_step(latents)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import small_cache
+from conftest import run_cli, small_cache
 from hvctl.conditioning import ImageCondition, check_task_ratio, draw_task, expand_for_i2v, training_condition
 from hvctl.data.manifest import ManifestRecord, read_manifest, write_manifest
 from hvctl.data.select import SelectConfig, select_ids
@@ -142,3 +142,20 @@ def test_dpo_needs_pairs(tiny_model, videos, tmp_path):
                 f"data: {{cache: {videos / 'cache'}, manifest: {videos / 'data' / 'manifest.jsonl'}, batch_size: 1}}\n")
     with pytest.raises(HvctlError, match="no preference pairs"):
         train(r, progress=False)
+
+
+def test_a_latent_concat_model_without_an_image_generates_text_to_video(tiny_model, tmp_path):
+    """The zero image and mask that t2v micro-batches train with; a fresh latent_concat model (zero
+    weights on them) then samples exactly what its text-to-video parent does."""
+    from hvctl.generate import GenerateRecipe, TextToVideo, prepare, resolve_device_dtype
+
+    latents = {}
+    for name, model in (("t2v", tiny_model), ("i2v", tmp_path / "lc")):
+        if name == "i2v":
+            done = run_cli("model", "compose", tiny_model, model, "--i2v", "latent_concat", "--json")
+            assert done.returncode == 0, done.stderr
+        r, model_dir = prepare(GenerateRecipe(prompt="a red circle moves left on a black background", model=model, steps=2,
+                                              frames=5, height=32, width=32, seed=1, dtype="float32"))
+        t2v = TextToVideo(model_dir, r, *resolve_device_dtype(r.device, r.dtype))
+        latents[name] = t2v.latents([1])
+    assert torch.allclose(latents["t2v"], latents["i2v"], atol=1e-5)
