@@ -271,6 +271,8 @@ class Trainer:
             if self.r.dpo is not None:
                 from hvctl.train.dpo import DpoObjective, PairDataset
 
+                if records is None:
+                    raise HvctlError("dpo reads its pairs from data.manifest (hvctl prefer's DIR/manifest.jsonl): set it")
                 dataset = PairDataset(dataset, records, f"data.manifest {d.manifest}")
                 if self.reference is not None and self.r.parallel.ring * self.r.parallel.ulysses > 1:
                     from hvctl.parallel import apply_sequence_parallel  # the reference sees whole inputs too
