@@ -117,7 +117,8 @@ def prefer(r: PreferRecipe, *, progress: bool | None = None, on_problem=None) ->
     from dataclasses import replace
 
     from hvctl import plugins
-    from hvctl.generate import GenerateRecipe, TextToVideo, prepare, resolve_device_dtype
+    from hvctl.generate import GenerateRecipe, TextToVideo, prepare
+    from hvctl.models.loading import resolve_device_dtype
     from hvctl.io import check_output_dir
     from hvctl.progress import progress_bar
     from hvctl.recipe import check_number

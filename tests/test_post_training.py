@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, small_cache
-from hvctl.conditioning import ImageCondition, check_task_ratio, draw_task, expand_for_i2v, training_condition
+from hvctl.i2v import ImageCondition, check_task_ratio, draw_task, expand_for_i2v, training_condition
 from hvctl.data.manifest import ManifestRecord, read_manifest, write_manifest
 from hvctl.data.select import SelectConfig, select_ids
 from hvctl.errors import HvctlError
@@ -147,7 +147,8 @@ def test_dpo_needs_pairs(tiny_model, videos, tmp_path):
 def test_a_latent_concat_model_without_an_image_generates_text_to_video(tiny_model, tmp_path):
     """The zero image and mask that t2v micro-batches train with; a fresh latent_concat model (zero
     weights on them) then samples exactly what its text-to-video parent does."""
-    from hvctl.generate import GenerateRecipe, TextToVideo, prepare, resolve_device_dtype
+    from hvctl.generate import GenerateRecipe, TextToVideo, prepare
+    from hvctl.models.loading import resolve_device_dtype
 
     latents = {}
     for name, model in (("t2v", tiny_model), ("i2v", tmp_path / "lc")):

@@ -18,6 +18,9 @@ what beta prices). beta is constant over sigma, as Flow-DPO found best for video
 
 The reference is the starting model: a frozen copy for full-weight training, or, for LoRA, the
 same module with its adapters switched off (no second copy in memory).
+
+In a run, DPO is a modifier of the DiT variant (hvctl/train/specs.py), applied when the recipe has
+a `dpo:` section: it keeps the reference, reads the pairs, and sets the run's steps from its rounds.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from hvctl.conditioning import training_condition
+import hvctl.train.dit  # noqa: F401  (i2v and LoRA register first, so the DPO modifier wraps them)
+from hvctl.i2v import training_condition
 from hvctl.errors import HvctlError
 from hvctl.flow import velocity_target
 from hvctl.train.objectives import FlowMatchingObjective
+from hvctl.train.specs import register_modifier
 
 
 def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta: float):
@@ -140,3 +145,49 @@ class PairDataset:
 
     def empty_text(self) -> dict | None:
         return self.cache.empty_text()
+
+
+@register_modifier("dpo", lambda r: r.dpo is not None)
+class DpoModifier:
+    """DPO on the DiT variant. Registered after i2v and LoRA, so it is outermost: the reference is
+    the model they built (LoRA from a file included)."""
+
+    def check(self, r) -> None:
+        if self.name != "dit":
+            raise HvctlError("dpo: trains a text-to-video DiT (target: dit, no avatar, not distill)")
+        if r.data.task_ratio is not None:
+            raise HvctlError("data.task_ratio: dpo trains on its pairs' own task; leave task_ratio out")
+        super().check(r)
+
+    def build(self, t, folder):
+        """The model, and its frozen reference in self.frozen. A LoRA run from a zero adapter needs
+        no copy: the model with its adapters off is the reference."""
+        import copy
+
+        model = super().build(t, folder)
+        if t.r.lora is None or t.r.lora.init is not None:
+            self.frozen["reference"] = copy.deepcopy(model).eval().requires_grad_(False)
+        return model
+
+    def data(self, t, buckets):
+        dataset = super().data(t, buckets)
+        if self.records is None:
+            raise HvctlError("dpo reads its pairs from data.manifest (hvctl prefer's DIR/manifest.jsonl): set it")
+        return PairDataset(dataset, self.records, f"data.manifest {t.r.data.manifest}")
+
+    def objective(self, t, dataset):
+        reference = self.frozen.get("reference")
+        if reference is not None and t.r.parallel.ring * t.r.parallel.ulysses > 1:
+            from hvctl.parallel import apply_sequence_parallel  # the reference sees whole inputs too
+
+            apply_sequence_parallel(reference, t.mesh)
+        return DpoObjective(t.r.flow, t.r.dpo.beta, reference)
+
+    def ready(self, t) -> None:
+        super().ready(t)
+        r = t.r
+        if r.dpo.rounds is not None:  # a round: each pair once (full micro-batches)
+            import math
+
+            micro_batches = sum(len(ix) // r.data.batch_size for stream in t.sampler.streams.values() for ix in stream.values())
+            r.steps = r.dpo.rounds * math.ceil(micro_batches / (r.optim.grad_accumulation * t.data_count))
