@@ -26,7 +26,7 @@ recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 toy_app = typer.Typer(help="The toy world: a synthetic dataset whose truth is known.", no_args_is_help=True)
 eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
 lora_app = typer.Typer(help="LoRA files: convert between the diffusers, musubi-tuner/kohya and ComfyUI formats.", no_args_is_help=True)
-plugins_app = typer.Typer(help="The plugin registry: captioners, rewriters, filters, conditioners, audio encoders.", no_args_is_help=True)
+plugins_app = typer.Typer(help="The plugin registry: captioners, rewriters, filters, conditioners, audio encoders, scorers.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(toy_app, name="toy")
@@ -398,6 +398,32 @@ def caption(
 
 
 @app.command()
+def prefer(
+    prompts: Optional[Path] = typer.Argument(None, help="Prompts: a text file (one a line) or a manifest (.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The preference folder (videos, prompts.jsonl, manifest.jsonl, cache)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder. Default: the embedded model."),
+    videos: Optional[int] = typer.Option(None, "--videos", "-n", help="Videos per prompt; the best and the worst form the pair. Default: 4."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", "-s", help="A registered scorer (hvctl plugins list --kind scorer). Default: toy."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="The first N prompts only."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps. Default: the model's."),
+    seed: Optional[int] = typer.Option(None, help="Seed; video k of a prompt uses one derived from (seed, prompt, k)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
+    on_error: Optional[str] = typer.Option(None, "--on-error", help="skip (record the failure, go on) or fail (stop at the first)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML prefer recipe; flags override it."),
+    overrides: Optional[list[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Preference pairs for DPO: N videos per prompt, scored; the best and the worst; resumable."""
+    from hvctl.prefer import PreferRecipe, prefer as run_prefer
+
+    flags = dict(prompts=prompts, out=out, model=model, videos=videos, scorer=scorer, limit=limit, steps=steps, seed=seed,
+                 device=device, on_error=on_error)
+    _, result = _run_stage(PreferRecipe, run_prefer, recipe, overrides, flags, as_json, problems=True)
+    emit(result, as_json, f"{result['manifest']}: {result['pairs']} pairs of {result['prompts']} prompts "
+                          f"({result['ties']} ties, {result['unscored']} not fully scored; {result['videos_made']} videos made)")
+
+
+@app.command()
 def rewrite(
     prompt: Optional[str] = typer.Argument(None, help="The prompt to rewrite."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Rewrite every line of this file instead."),
@@ -449,7 +475,7 @@ def lora_convert(
 
 @plugins_app.command("list")
 def plugins_list(
-    kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: captioner, rewriter, filter, conditioner, audio_encoder."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: captioner, rewriter, filter, conditioner, audio_encoder, scorer."),
     as_json: bool = JSON_OPTION,
 ):
     """The registered plugins: hvctl's built-ins and those of installed packages."""

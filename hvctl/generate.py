@@ -163,7 +163,9 @@ class TextToVideo:
         self.device = device
         self.offload = self.step_cache = None
         kind = condition_type(self.parts.transformer)
-        if kind is not None and r.image is None:
+        # A latent_concat model given no image gets a zero image and mask: text-to-video, as task mixing trains it.
+        text_only = kind == "latent_concat" and self.parts.image_processor is None
+        if kind is not None and r.image is None and not text_only:
             raise HvctlError(f"{model_dir} is an image-to-video model ({kind}): give it an image (hvctl i2v IMAGE PROMPT)")
         if kind is None and r.image is not None:
             raise HvctlError(f"{model_dir} is a text-to-video model: make an image-to-video one with `hvctl model compose MODEL OUT --i2v token_replace`")
@@ -215,6 +217,13 @@ class TextToVideo:
 
             images = images if images is not None else [read_image(self.r.image)] * len(prompts)
             image = self.image_condition(images)
+        elif condition_type(self.parts.transformer) == "latent_concat":
+            import torch
+
+            from hvctl.i2v import ImageCondition
+
+            c, _, h, w = self.latent_shape
+            image = ImageCondition("latent_concat", torch.zeros((len(prompts), c, 0, h, w), device=self.device))
         negative = None
         if self.r.guidance_scale > 1:
             black = [np.zeros((self.r.height, self.r.width, 3), np.uint8)] * len(prompts) if images is not None else None

@@ -10,6 +10,12 @@
 
 The design is stored in the transformer's config (`image_condition_type`), so a model folder
 says how it is to be conditioned, and diffusers reads the same folder.
+
+Task mixing (Seaweed: about 20% image-to-video helps text-to-video; much more hurts it): a
+latent_concat model trains on text-to-video (no frame given: image channels and mask all zero),
+image-to-video (frame 0 given) and video-to-video continuation (the first half of the latent
+frames given), drawn per micro-batch at `data.task_ratio`. token_replace always treats frame 0 as
+given (its timestep-0 modulation), so it trains image-to-video alone.
 """
 
 from __future__ import annotations
@@ -59,16 +65,56 @@ def expand_for_i2v(transformer, kind: str):
     return expanded.to(dtype=transformer.dtype)
 
 
+TASKS = ("t2v", "i2v", "v2v")
+
+
+def check_task_ratio(ratio: dict, transformer) -> dict[str, float]:
+    """The task shares, normalised to sum 1; one clear error for unknown tasks, bad numbers or a
+    model that cannot take them."""
+    import math
+
+    unknown = [t for t in ratio if t not in TASKS]
+    if unknown:
+        raise HvctlError(f"data.task_ratio: unknown task {', '.join(map(str, unknown))} (choose from {', '.join(TASKS)})")
+    bad = [t for t, v in ratio.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0]
+    if bad or not sum(ratio.values()) > 0:
+        raise HvctlError(f"data.task_ratio: shares must be finite numbers >= 0 with a positive sum, got {ratio}")
+    kind = condition_type(transformer)
+    if kind is None:
+        raise HvctlError("data.task_ratio mixes image- and video-conditioned tasks: it needs an image-to-video model "
+                         "(i2v: latent_concat in the recipe, or a model composed with --i2v latent_concat)")
+    if kind == "token_replace" and any(v > 0 for t, v in ratio.items() if t != "i2v"):
+        raise HvctlError("data.task_ratio: a token_replace model always takes frame 0 as given, so it trains i2v alone; "
+                         "use a latent_concat model (i2v: latent_concat) to mix t2v and v2v in")
+    total = float(sum(ratio.values()))
+    return {t: ratio.get(t, 0) / total for t in TASKS}
+
+
+def draw_task(shares: dict[str, float], generator) -> str:
+    """One task for a micro-batch, from its own generator: the same micro-batch draws the same task,
+    resumed or not."""
+    import torch
+
+    u, edge = float(torch.rand((), generator=generator)), 0.0
+    present = [t for t in TASKS if shares.get(t, 0) > 0]
+    for task in present:
+        edge += shares[task]
+        if u < edge:
+            return task
+    return present[-1]  # rounding at the top edge
+
+
 @dataclass
 class ImageCondition:
-    """The first frame's clean latent (B, C, 1, H', W'), scaled like the video latents, and the design."""
+    """The given frames' clean latents (B, C, k, H', W'), scaled like the video latents, and the
+    design: k = 1 for image-to-video, more for video continuation, 0 for text-to-video."""
 
     kind: str
     image_latent: torch.Tensor
 
     def initial(self, noise: torch.Tensor, stability: bool) -> torch.Tensor:
         latents = noise
-        if stability:
+        if stability and self.image_latent.shape[2] > 0:  # t2v (no frame given) starts from pure noise
             from hvctl.flow import add_noise
 
             latents = add_noise(self.image_latent.to(noise), noise, STABILITY_NOISE)
@@ -79,10 +125,11 @@ class ImageCondition:
 
         if self.kind == "token_replace":
             return self.after_step(latents)
+        given = self.image_latent.shape[2]
         image = torch.zeros_like(latents)
-        image[:, :, :1] = self.image_latent.to(latents)
+        image[:, :, :given] = self.image_latent.to(latents)
         mask = torch.zeros_like(latents[:, :1])
-        mask[:, :, :1] = 1.0
+        mask[:, :, :given] = 1.0
         return torch.cat([latents, image, mask], dim=1)
 
     def after_step(self, latents: torch.Tensor) -> torch.Tensor:
@@ -91,22 +138,25 @@ class ImageCondition:
             return latents
         import torch
 
-        return torch.cat([self.image_latent.to(latents), latents[:, :, 1:]], dim=2)
+        return torch.cat([self.image_latent.to(latents), latents[:, :, self.image_latent.shape[2]:]], dim=2)
 
     def loss_mask(self, latents: torch.Tensor) -> torch.Tensor:
         """1 where the loss counts: every frame, or (token_replace) all but the given frame 0."""
         mask = latents.new_ones(latents[:, :1].shape)
         if self.kind == "token_replace":
-            mask[:, :, :1] = 0.0
+            mask[:, :, :self.image_latent.shape[2]] = 0.0
         return mask
 
 
-def training_condition(transformer, x0: torch.Tensor) -> ImageCondition | None:
+def training_condition(transformer, x0: torch.Tensor, task: str = "i2v") -> ImageCondition | None:
     """For an i2v model, the condition of a training clip: its own first latent frame (the causal
-    VAE encodes frame 0 alone, so it is exactly the image's latent)."""
+    VAE encodes frame 0 alone, so it is exactly the image's latent); for v2v its first half of
+    latent frames, for t2v none (latent_concat's zero image and mask)."""
     kind = condition_type(transformer)
     if kind is None:
         return None
+    if task == "t2v":
+        return ImageCondition(kind, x0[:, :, :0])
     if x0.shape[2] < 2:
         raise HvctlError("image-to-video training needs videos: an image sample has no frame after the condition")
-    return ImageCondition(kind, x0[:, :, :1])
+    return ImageCondition(kind, x0[:, :, :max(1, x0.shape[2] // 2) if task == "v2v" else 1])

@@ -68,6 +68,7 @@ RECIPE_KINDS: dict[str, str] = {
     "caption": "hvctl.caption:CaptionRecipe",
     "rewrite": "hvctl.rewrite:RewriteRecipe",
     "avatar": "hvctl.avatar:AvatarRecipe",
+    "prefer": "hvctl.prefer:PreferRecipe",
 }
 
 _NO_FILE = "no recipe file"

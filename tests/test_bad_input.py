@@ -138,6 +138,11 @@ BAD = [
     (["curate", M, "--out", "afile/kept.jsonl"], "afile"),
     (["caption", M, "--out", "data/media"], "media"),
     (["caption", M, "--set", "save_every=0"], "save_every"),
+    # prefer
+    (["prefer", "data/missing.txt", "--out", "pref"], "missing.txt"),
+    (["prefer", M, "--out", "afile"], "afile"),
+    (["prefer", M, "--out", "pref", "--videos", "1"], "videos"),
+    (["prefer", M, "--out", "pref", "--scorer", "oracle"], "oracle"),
     # train: each bad number refused when the recipe loads, with its file and key
     (["train", "steps0.yaml"], "steps0.yaml: 'steps'"),
     (["train", "every0.yaml"], "every0.yaml: 'checkpoint.every'"),
@@ -163,7 +168,7 @@ def test_the_table_covers_every_writing_subcommand():
     commands = {argv[0] if argv[0] not in ("model", "toy", "eval", "lora") else " ".join(argv[:2]) for argv, _ in BAD}
     assert len(BAD) >= 40
     assert {"generate", "encode", "toy render", "model init", "model info", "model compose", "eval toy", "lora convert",
-            "curate", "caption", "train"} <= commands
+            "curate", "caption", "prefer", "train"} <= commands
 
 
 def test_the_sampler_stops_on_non_finite_latents():

@@ -18,7 +18,7 @@ def test_builtins_are_listed_by_kind():
     assert done.returncode == 0, done.stderr
     found = {(p["kind"], p["name"]): p for p in json.loads(done.stdout)["plugins"]}
     for key in [("captioner", "toy"), ("captioner", "vlm"), ("rewriter", "lexicon"), ("rewriter", "llm"),
-                ("filter", "clarity"), ("filter", "motion"), ("filter", "text_area")]:
+                ("filter", "clarity"), ("filter", "motion"), ("filter", "text_area"), ("scorer", "toy"), ("scorer", "labels")]:
         assert key in found and found[key]["description"], key
     assert found[("captioner", "toy")]["source"] == "hvctl: hvctl_toy"
     only = json.loads(run_cli("plugins", "list", "--kind", "rewriter", "--json").stdout)["plugins"]

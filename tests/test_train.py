@@ -329,10 +329,18 @@ def test_each_recipe_gets_its_variants_spec_and_modifiers_compose():
     # Modifiers wrap the base variant, LoRA outermost: i2v expands the loaded model before the adapters go on.
     mro = type(spec_for(TrainRecipe(i2v="token_replace", lora=LoraSettings()))).__mro__
     assert mro[:3] == (mro[0], LoraModifier, I2vModifier) and DitSpec in mro
+    # DPO is outermost: its reference is the model that i2v and LoRA built.
+    from hvctl.train.config import DpoSettings
+    from hvctl.train.dpo import DpoModifier
+
+    mro = type(spec_for(TrainRecipe(i2v="latent_concat", lora=LoraSettings(), dpo=DpoSettings()))).__mro__
+    assert mro[:4] == (mro[0], DpoModifier, LoraModifier, I2vModifier) and DitSpec in mro
     for recipe, message in [(TrainRecipe(target="vae", lora=LoraSettings()), "lora: trains the DiT"),
                             (TrainRecipe(lora=LoraSettings(), trainable=["x"]), "lora: trains the DiT"),
                             (TrainRecipe(avatar=AvatarSettings(), lora=LoraSettings()), "avatar: trains"),
-                            (DistillRecipe(), "distill needs 'teacher'")]:
+                            (DistillRecipe(), "distill needs 'teacher'"),
+                            (TrainRecipe(avatar=AvatarSettings(), dpo=DpoSettings()), "dpo: trains a text-to-video DiT"),
+                            (DistillRecipe(teacher="t", dpo=DpoSettings()), "dpo: trains a text-to-video DiT")]:
         with pytest.raises(HvctlError, match=message):
             spec_for(recipe).check(recipe)
     # The loop names no variant: every difference is the spec's.
@@ -341,4 +349,5 @@ def test_each_recipe_gets_its_variants_spec_and_modifiers_compose():
     import hvctl.train.trainer as trainer
 
     source = Path(trainer.__file__).read_text()
-    assert not any(f"r.{key}" in source for key in ("lora", "avatar", "i2v", "teacher", "target", "reinit", "trainable"))
+    assert not any(f"r.{key}" in source for key in ("lora", "avatar", "i2v", "teacher", "target", "reinit", "trainable",
+                                                    "dpo", "select", "task_ratio"))

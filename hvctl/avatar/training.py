@@ -34,10 +34,8 @@ class AvatarSpec(DitSpec):
         check_cached_conditions(t.model.avatar.config["conditioners"], dataset)
         return dataset
 
-    def objective(self, t, dataset):
-        from hvctl.train.objectives import FlowMatchingObjective
-
-        return FlowMatchingObjective(t.r.flow, dataset.empty_text(), t.r.data.empty_prompt_rate, condition_drop=t.r.avatar.drop)
+    def objective(self, t, dataset, condition_drop=None):
+        return super().objective(t, dataset, condition_drop=t.r.avatar.drop)
 
     def ready(self, t) -> None:
         super().ready(t)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from hvctl.data.select import SelectConfig
 from hvctl.lora import LoraSettings
 
 
@@ -65,6 +66,11 @@ class DataConfig:
     # none: read each sample from the cache's shards; device: the whole cache stacked on the training
     # device once, a micro-batch a gather (hvctl/data/device_cache.py); cpu: stacked in CPU memory.
     preload: Literal["none", "cpu", "device"] = "none"
+    # SFT: train on the manifest's best samples by a numeric field (hvctl/data/select.py)
+    select: SelectConfig | None = None
+    # Task mixing for an image-to-video (latent_concat) model: shares of micro-batches trained as
+    # text-to-video, image-to-video and video continuation, e.g. {t2v: 0.8, i2v: 0.2} (Seaweed).
+    task_ratio: dict[str, float] | None = None
 
 
 @dataclass
@@ -117,6 +123,19 @@ class AvatarSettings:
 
 
 @dataclass
+class DpoSettings:
+    """Flow-matching DPO (hvctl/train/dpo.py) on `hvctl prefer` pairs: data.cache and
+    data.manifest are the prefer folder's cache and manifest.jsonl. The reference is the starting
+    model (with LoRA: the model with its adapters off)."""
+
+    LIMITS: ClassVar[dict] = {"beta": "> 0", "rounds": ">= 1"}
+    beta: float = 500.0  # the KL price: larger keeps closer to the reference (Diffusion-DPO used 2000-5000 on images)
+    # Passes over the preference set; the run's steps follow from it (Seaweed: one is enough, more
+    # cost other qualities). None: the recipe's `steps` instead.
+    rounds: int | None = 1
+
+
+@dataclass
 class CheckpointConfig:
     LIMITS: ClassVar[dict] = {"every": ">= 1", "keep_last": ">= 1"}
     every: int = 500
@@ -151,6 +170,7 @@ class TrainRecipe:
     # already is one is trained as it is.
     i2v: Literal["latent_concat", "token_replace"] | None = None
     avatar: AvatarSettings | None = None  # DiT only: audio-, pose- and expression-driven animation of a reference
+    dpo: DpoSettings | None = None  # DiT only: preference optimisation on hvctl prefer's pairs
     # VAE runs: the exported VAE's scaling_factor becomes 1/std of its latents on the training data
     # (as Stable Diffusion set its own), so the DiT sees unit-variance latents. Off by default: it
     # would break a pretrained DiT's match with a finetuned official VAE.
@@ -208,6 +228,8 @@ def check_paths(r: TrainRecipe) -> None:
         raise HvctlError(f"data.cache: {d.cache} not found (make it with `hvctl encode`)")
     if d.manifest is not None and not Path(d.manifest).is_file():
         raise HvctlError(f"data.manifest: {d.manifest} not found")
+    if (r.dpo is not None or d.select is not None) and d.manifest is None:
+        raise HvctlError("dpo and data.select read data.manifest (the pairs / the scores): set it")
     if d.manifest is None and (r.target == "vae" or d.cache is None):
         raise HvctlError("VAE training reads pixels: set data.manifest" if r.target == "vae" else "train needs data.cache or data.manifest")
     if r.lora is not None and r.lora.init is not None and not Path(r.lora.init).is_file():

@@ -1,7 +1,8 @@
 """The DiT's training variant (flow matching on cached latents) and its two modifiers, i2v and LoRA.
 
 DitSpec trains the transformer's full weights, a `trainable` subset of them, or, with `reinit`, a
-fresh init of its config. The modifiers are mixins (hvctl/train/specs.py) that compose with it and
+fresh init of its config; on all of the manifest's samples or (`data.select`, SFT) its best by a
+score, and, for an image-to-video model, on a mix of tasks (`data.task_ratio`). The modifiers are mixins (hvctl/train/specs.py) that compose with it and
 with the variants built on it:
 - I2vModifier makes the loaded model image-to-video first (hvctl/i2v.py holds the maths;
   the objective conditions each clip on its own first frame once the model is i2v);
@@ -48,11 +49,16 @@ class DitSpec(TrainSpec):
 
         d = t.r.data
         cache = Path(d.cache) if d.cache else self.encode_here(t, buckets)
-        ids = None
+        ids = self.records = None
         if d.manifest is not None:
             from hvctl.data.manifest import read_manifest
 
-            ids = [rec.id for rec in read_manifest(d.manifest)]
+            self.records = read_manifest(d.manifest)
+            ids = [rec.id for rec in self.records]
+            if d.select is not None:  # SFT: the best samples by a score
+                from hvctl.data.select import select_ids
+
+                ids = select_ids(self.records, d.select, f"data.manifest {d.manifest}")
         from hvctl.models.loading import prepare_model
 
         text_len = d.text_len or prepare_model(t.base_model)[1]["text_len"]
@@ -90,10 +96,16 @@ class DitSpec(TrainSpec):
         barrier(t.ranks)
         return cache
 
-    def objective(self, t, dataset):
+    def objective(self, t, dataset, condition_drop: dict | None = None):
         from hvctl.train.objectives import FlowMatchingObjective
 
-        return FlowMatchingObjective(t.r.flow, dataset.empty_text(), t.r.data.empty_prompt_rate)
+        tasks = None
+        if t.r.data.task_ratio is not None:  # task mixing (hvctl/i2v.py)
+            from hvctl.i2v import check_task_ratio
+
+            tasks = check_task_ratio(t.r.data.task_ratio, t.model)
+        return FlowMatchingObjective(t.r.flow, dataset.empty_text(), t.r.data.empty_prompt_rate,
+                                     condition_drop=condition_drop, tasks=tasks)
 
     def ready(self, t) -> None:
         from hvctl.data.device_cache import preload

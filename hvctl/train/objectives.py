@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvctl.i2v import training_condition
+from hvctl.i2v import draw_task, training_condition
 from hvctl.errors import HvctlError
 from hvctl.flow import add_noise, loss_weights, sample_training_sigmas, transformer_velocity, velocity_target
 
@@ -18,13 +18,16 @@ from hvctl.flow import add_noise, loss_weights, sample_training_sigmas, transfor
 class FlowMatchingObjective:
     """Velocity regression on noised latents sampled from the cached VAE posterior."""
 
-    def __init__(self, flow, empty_text: dict | None, empty_prompt_rate: float, condition_drop: dict | None = None):
+    def __init__(self, flow, empty_text: dict | None, empty_prompt_rate: float, condition_drop: dict | None = None,
+                 tasks: dict[str, float] | None = None):
+        """tasks: an i2v model's task shares (hvctl/i2v.py: check_task_ratio); None: i2v alone."""
         if empty_prompt_rate > 0 and empty_text is None:
             raise HvctlError("empty_prompt_rate > 0 needs the empty prompt's text states in the cache (re-run hvctl encode)")
         if not 0 <= flow.unmasked_weight <= 1:
             raise HvctlError(f"flow.unmasked_weight must be in [0, 1], got {flow.unmasked_weight}")
         self.flow, self.empty_text, self.empty_prompt_rate = flow, empty_text, empty_prompt_rate
         self.condition_drop = condition_drop or {}
+        self.tasks = tasks
 
     def avatar_inputs(self, batch: dict, generator: torch.Generator) -> dict | None:
         """The batch's avatar conditions (hvctl/avatar.py), each dropped for a share of the samples."""
@@ -80,7 +83,9 @@ class FlowMatchingObjective:
         b = self.noised(batch, generator, stratum)
         n = b["x0"].shape[0]
         guidance = torch.full((n,), self.flow.guidance) if model.config.guidance_embeds else None
-        image = training_condition(model, b["x0"])
+        # Task mixing: the micro-batch's own generator draws its task, so a resumed run draws the same.
+        task = draw_task(self.tasks, generator) if self.tasks else "i2v"
+        image = training_condition(model, b["x0"], task)
         avatar = self.avatar_inputs(batch, generator)
         prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], guidance, image, avatar)
         target = velocity_target(b["x0"], b["noise"]).to(prediction.device)
@@ -88,7 +93,10 @@ class FlowMatchingObjective:
         # token_replace: frame 0 is given, not predicted
         per_sample = self.per_sample_loss(batch, squared, None if image is None else image.loss_mask(squared))
         loss = (loss_weights(b["sigma"], self.flow.loss_weighting).to(prediction.device) * per_sample).mean()
-        return loss, {"loss": loss.item(), "sigma_mean": b["sigma"].mean().item()}
+        logs = {"loss": loss.item(), "sigma_mean": b["sigma"].mean().item()}
+        if self.tasks:  # per step: the share of its micro-batches on each task
+            logs.update({f"task_{t}": float(t == task) for t, share in self.tasks.items() if share > 0})
+        return loss, logs
 
     def per_sample_loss(self, batch: dict, squared: torch.Tensor, predicted: torch.Tensor | None = None) -> torch.Tensor:
         """Each sample's weighted mean of `squared` (B, C, T, H, W). The weights come from the

@@ -15,6 +15,7 @@ Modifiers compose with a base variant: a mixin class placed before it in the run
 whose methods call super(), when the recipe asks for them:
     i2v          make a text-to-video DiT image-to-video before training  (hvctl/train/dit.py)
     lora         train LoRA adapters of the DiT instead of its weights; export merges them  (hvctl/train/dit.py)
+    dpo          preference optimisation on `hvctl prefer`'s pairs against a frozen reference  (hvctl/train/dpo.py)
 
 To add a variant:
   1. Its recipe: a `TrainRecipe` subclass with its own `KIND` and `VARIANT` (listed in
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
     from hvctl.train.trainer import Trainer
 
-BUILTIN = ("hvctl.train.dit", "hvctl.train.vae", "hvctl.avatar.training", "hvctl.train.distill")
+BUILTIN = ("hvctl.train.dit", "hvctl.train.vae", "hvctl.avatar.training", "hvctl.train.distill", "hvctl.train.dpo")
 
 SPECS: dict[str, type[TrainSpec]] = {}
 MODIFIERS: dict[str, tuple[Callable, type]] = {}  # name: (applies(recipe) -> bool, mixin)

@@ -1,4 +1,5 @@
-"""hvctl's curation filters (`hvctl curate`): clarity, motion and text area.
+"""hvctl's curation filters (`hvctl curate`): clarity, motion and text area; and the `labels`
+scorer of `hvctl prefer` (labels.py: scores from a JSONL file, generic like these filters).
 
 A filter is a class registered as `@register("filter", name)`; a curate recipe names it under
 `filters:` and its mapping there gives the keyword arguments (thresholds, how many frames to
@@ -191,3 +192,6 @@ def proxy_text_area(frame) -> float:
         if np.count_nonzero(edges[y:y + h, x:x + w]) / (w * h) > 0.35:
             covered[y:y + h, x:x + w] = True
     return float(covered.mean())
+
+
+from hvctl_filters import labels  # noqa: E402,F401  (importing registers the labels scorer)
