@@ -106,6 +106,8 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
         raise HvctlError("--embedded-guidance given, but this model has no guidance embedding (use --guidance-scale)")
     if recipe.flow_shift is None and r.image is not None:  # the official I2V's: 7 with stability, 17 without
         r.flow_shift = 7.0 if r.i2v_stability else 17.0
+    elif recipe.flow_shift is None and defaults.get("shift_for_steps") == r.steps:  # a step-distilled student's own schedule
+        r.flow_shift = defaults["flow_shift"]
     elif recipe.flow_shift is None:  # the shift follows the step count unless set
         from hvctl.flow import default_flow_shift
 

@@ -171,18 +171,34 @@ class TrainRecipe:
 
 @dataclass
 class DistillRecipe(TrainRecipe):
-    """`hvctl distill`: classifier-free-guidance distillation. The student is the teacher's DiT
-    plus a guidance embedding, starting from the teacher's weights; it learns the teacher's
-    guided velocity in one pass. Every other key is the trainer's (checkpoints, resume, parallel)."""
+    """`hvctl distill`: classifier-free-guidance distillation (mode cfg) or step distillation (mode
+    steps). The student is the teacher's DiT (plus a guidance embedding), starting from the
+    teacher's weights; mode cfg teaches it the guided velocity in one pass, mode steps the teacher's
+    trajectory in student_steps steps. Every other key is the trainer's (checkpoints, resume, parallel, lora)."""
 
     KIND: ClassVar[str] = "distill"
-    LIMITS: ClassVar[dict] = {**TrainRecipe.LIMITS, "guidance_range": ">= 1", "student_guidance": ">= 0"}
+    LIMITS: ClassVar[dict] = {**TrainRecipe.LIMITS, "guidance_range": ">= 1", "student_guidance": ">= 0", "student_steps": ">= 1",
+                              "student_shift": "> 0", "teacher_steps": ">= 2", "teacher_shift": "> 0",
+                              "teacher_solver_steps": ">= 1", "phase_start_share": "[0, 1]"}
     teacher: Path | None = None  # a model folder whose DiT has no guidance embedding
     guidance_range: tuple[float, float] = (1.0, 8.0)  # the scale w, drawn uniformly per sample
     guidance_embedder_init: Literal["zero", "random"] = "zero"  # zero: the student starts as the teacher's conditional pass
     # The embedded guidance the student's folder defaults to; None: the teacher's scale (6 when it is 1).
     # A tiny student may need more than the teacher's scale for the same look (README: distill).
     student_guidance: float | None = None
+    # mode steps: step distillation (hvctl/train/distill_steps.py, phased consistency distillation):
+    # a student sampled in student_steps Euler steps learns where the teacher's own schedule
+    # (teacher_steps, teacher_shift; None: the teacher folder's) takes each phase.
+    mode: Literal["cfg", "steps"] = "cfg"
+    student_steps: int = 4
+    student_shift: float | None = None  # None: the shift hvctl generate uses for student_steps (17/7 of the model's under 20)
+    teacher_steps: int | None = None
+    teacher_shift: float | None = None
+    # Also distil CFG: the student embeds the guidance scale (drawn from guidance_range) and runs one
+    # pass a step; false keeps true CFG (two passes), the student learning the teacher's unguided flow.
+    embed_guidance: bool = True
+    teacher_solver_steps: int | None = None  # teacher steps per target, then the student's own jump; None: to the phase edge
+    phase_start_share: float = 0.5  # share of samples at a phase's start, the sigma the student samples at
 
 
 def check_paths(r: TrainRecipe) -> None:

@@ -105,6 +105,8 @@ class Trainer:
                 from hvctl.lora import init_lora_from_file
 
                 init_lora_from_file(self.model, r.lora)
+            if self.teacher is not None and self.new_guidance_embedder:  # a new embedding has no weights to adapt
+                self.model.time_text_embed.guidance_embedder.requires_grad_(True)
         self.model_class = type(self.model)  # FSDP and replicate swap the instance's class
         self.mesh = parallelize(self.model, self.ranks, self.device.type, r.parallel,
                                 param_dtype=None if r.precision == "float32" else getattr(torch, r.precision))
@@ -132,13 +134,16 @@ class Trainer:
         from hvctl.models.loading import load_component
 
         teacher = load_component(folder, "transformer", dtype=torch.float32, device=self.device)
-        if teacher.config.guidance_embeds:
+        steps = self.r.mode == "steps"  # step distillation also takes a guidance-embedded teacher
+        if teacher.config.guidance_embeds and not steps:
             raise HvctlError(f"{folder.path}: the teacher already embeds guidance; distillation needs one without")
         teacher.eval().requires_grad_(False)
-        student = type(teacher).from_config({**teacher.config, "guidance_embeds": True}).to(self.device)
+        embeds = teacher.config.guidance_embeds or not steps or self.r.embed_guidance
+        student = type(teacher).from_config({**teacher.config, "guidance_embeds": embeds}).to(self.device)
         missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("time_text_embed.guidance_embedder.") for k in missing), missing
-        if self.r.guidance_embedder_init == "zero":
+        self.new_guidance_embedder = bool(missing)
+        if missing and self.r.guidance_embedder_init == "zero":
             last = student.time_text_embed.guidance_embedder.linear_2
             torch.nn.init.zeros_(last.weight)
             torch.nn.init.zeros_(last.bias)
@@ -252,8 +257,11 @@ class Trainer:
                     from hvctl.parallel import apply_sequence_parallel
 
                     apply_sequence_parallel(self.teacher, self.mesh)
-                objective = GuidanceDistillationObjective(self.r.flow, dataset.empty_text(), self.teacher,
-                                                          tuple(self.r.guidance_range))
+                if self.r.mode == "steps":
+                    objective = self._step_distillation_objective(dataset)
+                else:
+                    objective = GuidanceDistillationObjective(self.r.flow, dataset.empty_text(), self.teacher,
+                                                              tuple(self.r.guidance_range))
             else:
                 objective = FlowMatchingObjective(self.r.flow, dataset.empty_text(), d.empty_prompt_rate,
                                                   condition_drop=self.r.avatar.drop if self.r.avatar else None)
@@ -267,6 +275,22 @@ class Trainer:
             raise HvctlError(f"data: {e} among this stage's buckets ({held}); lower data.batch_size "
                              "or widen data.aspect_buckets / frame_buckets / media") from None
         return dataset, sampler, objective
+
+    def _step_distillation_objective(self, dataset):
+        """Phased consistency distillation (hvctl/train/distill_steps.py) on the teacher's schedule."""
+        from hvctl.models.loading import ModelFolder
+        from hvctl.train.distill_steps import StepDistillationObjective, student_schedule
+
+        r = self.r
+        if r.i2v is not None or self.teacher.config.image_condition_type is not None:
+            raise HvctlError("distill mode steps: image-to-video students are not supported yet (a text-to-video teacher only)")
+        edges, teacher_sigmas, self.student_shift, self.teacher_steps = student_schedule(
+            r.student_steps, r.student_shift, ModelFolder.open(self.base_model).generation_defaults, r.teacher_steps,
+            r.teacher_shift)
+        guidance_range = tuple(r.guidance_range) if self.model.config.guidance_embeds else None
+        return StepDistillationObjective(r.flow, dataset.empty_text(), self.teacher, edges=edges, teacher_sigmas=teacher_sigmas,
+                                         guidance_range=guidance_range, teacher_solver_steps=r.teacher_solver_steps,
+                                         phase_start_share=r.phase_start_share, empty_prompt_rate=r.data.empty_prompt_rate)
 
     def _encode_here(self, buckets) -> Path:
         """No cache given: encode the manifest into the run folder first (incremental, so cheap on resume)."""
@@ -461,8 +485,14 @@ class Trainer:
                 from hvctl.avatar import save_conditioners
 
                 save_conditioners(folder / "model", self.model.avatar.config, avatar_weights)
-            if self.teacher is not None:
+            if self.teacher is not None and self.new_guidance_embedder:
                 _embed_guidance_defaults(folder / "model", self.r.student_guidance)
+            elif self.teacher is not None and self.model.config.guidance_embeds and self.r.student_guidance is not None:
+                _embed_guidance_defaults(folder / "model", self.r.student_guidance)
+            if self.teacher is not None and self.r.mode == "steps":
+                from hvctl.train.distill_steps import record_student_defaults
+
+                record_student_defaults(folder / "model", self.r.student_steps, self.student_shift, self.teacher_steps)
             trainer = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
                        "optimizer": self._optimizer_settings, "recipe": _recipe_dict(self.r)}
             write_state_files(folder, rng={"torch": torch.get_rng_state()}, trainer=trainer,
