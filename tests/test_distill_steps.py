@@ -184,7 +184,8 @@ def test_distill_mode_steps_writes_a_student_generate_runs_at_its_step_count(tin
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, cache, run, steps=2)
     recipe.write_text(recipe.read_text().replace("mode: steps\n", ""))  # the flag sets it
-    result = run_cli("distill", recipe, "--mode", "steps", "--set", "student_guidance=3.5", "--json")
+    result = run_cli("distill", recipe, "--mode", "steps", "--set", "student_guidance=3.5", "--set", "student_shift=3.0",
+                     "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads((run / "model" / "hvctl.json").read_text())
     g = info["generation"]
@@ -194,7 +195,8 @@ def test_distill_mode_steps_writes_a_student_generate_runs_at_its_step_count(tin
                   "--height", 32, "--width", 32, "--seed", 0, "-o", tmp_path / "v.mp4", "--json")
     assert gen.returncode == 0, gen.stderr
     settings = json.loads(gen.stdout)["settings"]
-    assert settings["steps"] == 2 and settings["flow_shift"] == g["flow_shift"] and settings["embedded_guidance"] == 3.5
+    # the recorded shift, not the under-20-steps rule's 17/7 of the teacher's
+    assert settings["steps"] == 2 and settings["flow_shift"] == g["flow_shift"] == 3.0 and settings["embedded_guidance"] == 3.5
 
 
 def test_a_lora_student_without_embedded_guidance_keeps_true_cfg(tiny_model, cache, tmp_path):

@@ -485,9 +485,9 @@ class Trainer:
                 from hvctl.avatar import save_conditioners
 
                 save_conditioners(folder / "model", self.model.avatar.config, avatar_weights)
-            if self.teacher is not None and self.new_guidance_embedder:
-                _embed_guidance_defaults(folder / "model", self.r.student_guidance)
-            elif self.teacher is not None and self.model.config.guidance_embeds and self.r.student_guidance is not None:
+            # A new embedding defaults to the teacher's scale; an embedded teacher's stays unless student_guidance says.
+            if self.teacher is not None and (self.new_guidance_embedder or (self.r.student_guidance is not None
+                                                           and self.model.config.guidance_embeds)):
                 _embed_guidance_defaults(folder / "model", self.r.student_guidance)
             if self.teacher is not None and self.r.mode == "steps":
                 from hvctl.train.distill_steps import record_student_defaults
