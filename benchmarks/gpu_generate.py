@@ -179,7 +179,8 @@ def toy_rows(args, device) -> list[dict]:
     """Whole videos from the embedded default model: uncached, then each step cache."""
     import torch
 
-    from hvctl.generate import GenerateRecipe, TextToVideo, prepare, resolve_device_dtype
+    from hvctl.generate import GenerateRecipe, TextToVideo, prepare
+    from hvctl.models.loading import resolve_device_dtype
 
     prompt = "a red circle moves left on a black background"
     rows, reference = [], None

@@ -45,6 +45,14 @@ def attention_backend(name: str, device) -> str:
     return _BACKENDS[attention_choice(name, device)]
 
 
+def training_attention_backend(name: str, device) -> str:
+    """attention_backend for training: a kernel with a backward pass."""
+    if attention_choice(name, device) == "sage":
+        raise HvctlError(f"attention: {name} is SageAttention, which has no backward pass (inference only); "
+                         "train with auto, sdpa, flash or flash3")
+    return attention_backend(name, device)
+
+
 def attention_choice(name: str, device) -> str:
     """hvctl's attention name, auto resolved for `device` and checked."""
     if name not in ATTENTION:

@@ -15,7 +15,9 @@ Shard names start with their commit time, so name order is commit order. A sampl
 several entries (its caption or media changed, or two runs encoded it at once); readers see the
 most recently committed one (`latest_by_id`).
 
-Tensors of an entry (key = content hash of media, caption, bucket, VAE and text encoders):
+Tensors of an entry (key = `sample_key`: a content hash of media, caption, bucket, VAE and text
+encoders, and of the loss mask and conditions when there are some; names below are the constants
+and functions of this module):
     {key}.latent_mean, {key}.latent_std   (C, T', H', W') the VAE posterior; training samples from it
     {key}.text.{v}                        (n_tokens, D) LLM states of caption variant v, padding dropped
     {key}.pooled.{v}                      (D2,) CLIP pooled output of caption variant v
@@ -27,6 +29,7 @@ Tensors of an entry (key = content hash of media, caption, bucket, VAE and text 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -41,6 +44,50 @@ from hvctl.errors import HvctlError
 from hvctl.io import atomic_output, disk_errors, write_json_atomic
 
 CACHE_FORMAT = "hvctl-cache/1"
+
+# An entry's tensor names, under its key: what encode writes and LatentCache reads.
+LATENT_MEAN, LATENT_STD, LOSS_MASK = "latent_mean", "latent_std", "loss_mask"
+
+
+def text_tensor(variant: int) -> str:
+    return f"text.{variant}"
+
+
+def pooled_tensor(variant: int) -> str:
+    return f"pooled.{variant}"
+
+
+def condition_tensor(name: str) -> str:
+    return f"cond.{name}"
+
+
+def content_hash(items) -> str:
+    """sha256 of a JSON-able list: cache keys and encoder identities."""
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sample_key(media: Path, texts: list[str], bucket: tuple[int, int, int], vae_id: str, text_id: str, *,
+               loss_mask: Path | None = None, conditions: dict[str, Path] | None = None,
+               audio_encoder=None) -> str:
+    """A sample's cache key: the hash of everything its tensors depend on. The files by content
+    (a renamed or touched file keeps its key), the encoders by their ids (encode.Encoder), and the
+    audio encoder's identity when there is audio. A sample whose key is in the cache is skipped."""
+    parts = [file_sha256(media), texts, bucket, vae_id, text_id]
+    if loss_mask is not None:
+        parts.append(("loss_mask", file_sha256(loss_mask)))
+    if conditions:
+        parts.append(sorted((name, file_sha256(p)) for name, p in conditions.items()))
+        if "audio" in conditions:
+            parts.append(audio_encoder)
+    return content_hash(parts)
 
 
 @dataclass(frozen=True)
@@ -105,8 +152,6 @@ TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 def encoder_identities(model_dir: Path) -> dict[str, str]:
     """What a cache entry records of the model that encoded it: its VAE's and its text encoders'
     content fingerprints (a copied or hard-linked folder has the same)."""
-    import hashlib
-
     from hvctl.models.loading import folder_fingerprint
 
     model_dir = Path(model_dir)
@@ -266,14 +311,14 @@ class LatentCache(torch.utils.data.Dataset):
         entry = self.entries[index]
         variant = variant % entry.text_variants
         get = lambda name: self._tensor(entry.shard, f"{entry.key}.{name}")  # noqa: E731
-        text, mask = self.pad_text(get(f"text.{variant}"))
-        latent_mean = get("latent_mean")
+        text, mask = self.pad_text(get(text_tensor(variant)))
+        latent_mean = get(LATENT_MEAN)
         return {
             "id": entry.id, "key": entry.key, "bucket": entry.bucket, "kind": entry.kind,
-            "latent_mean": latent_mean, "latent_std": get("latent_std"),
-            "text_states": text, "text_mask": mask, "pooled": get(f"pooled.{variant}"),
-            "loss_mask": get("loss_mask") if entry.loss_mask else torch.ones_like(latent_mean[:1]),
-            **{f"cond.{name}": get(f"cond.{name}") for name in entry.conditions},
+            "latent_mean": latent_mean, "latent_std": get(LATENT_STD),
+            "text_states": text, "text_mask": mask, "pooled": get(pooled_tensor(variant)),
+            "loss_mask": get(LOSS_MASK) if entry.loss_mask else torch.ones_like(latent_mean[:1]),
+            **{f"cond.{name}": get(condition_tensor(name)) for name in entry.conditions},
         }
 
     def __getitem__(self, index: int) -> dict:

@@ -6,7 +6,6 @@ argument errors answer at once.
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Optional
 import typer
 
 from hvctl import __version__
+from hvctl.data.formats import is_frame_count
 from hvctl.errors import HvctlError
 
 app = typer.Typer(
@@ -26,7 +26,7 @@ recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 toy_app = typer.Typer(help="The toy world: a synthetic dataset whose truth is known.", no_args_is_help=True)
 eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
 lora_app = typer.Typer(help="LoRA files: convert between the diffusers, musubi-tuner/kohya and ComfyUI formats.", no_args_is_help=True)
-plugins_app = typer.Typer(help="The plugin registry: captioners, rewriters, filters, caches, conditioners.", no_args_is_help=True)
+plugins_app = typer.Typer(help="The plugin registry: captioners, rewriters, filters, conditioners, audio encoders.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(toy_app, name="toy")
@@ -53,6 +53,23 @@ def emit(result: dict, as_json: bool, human: str) -> None:
         typer.echo(human)
 
 
+def _run_stage(schema, stage, recipe, overrides, flags: dict, as_json: bool, *, base=None, problems: bool = False):
+    """What a stage command does after parsing: load its recipe (flags over the file over the
+    defaults) and run the stage, with a progress bar only on a terminal and, with problems=True,
+    each skipped sample's problem on stderr as it happens. Returns (the recipe, the result)."""
+    from hvctl.recipe import load_recipe
+
+    config = load_recipe(schema, recipe, overrides or (), values=flags, base=base)
+    hooks = {"on_problem": lambda m: typer.echo(m, err=True)} if problems else {}
+    return config, stage(config, progress=None if not as_json else False, **hooks)
+
+
+def _exit_if_failed(result: dict, config) -> None:
+    """--on-error fail: the samples done are kept, the exit status says the run failed."""
+    if result["failed"] and config.on_error == "fail":
+        raise typer.Exit(1)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"hvctl {__version__}")
@@ -64,39 +81,67 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
+# generate's, which i2v shares.
+PROMPT_ARGUMENT = typer.Argument(None, help="What the video shows.")
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="Model folder (diffusers format). Default: the embedded model.")
+HEIGHT_OPTION = typer.Option(None, help="Height in px, a multiple of 16.")
+WIDTH_OPTION = typer.Option(None, help="Width in px, a multiple of 16.")
+FRAMES_OPTION = typer.Option(None, help="Number of frames, 4k+1.")
+STEPS_OPTION = typer.Option(None, help="Sampling steps.")
+SEED_OPTION = typer.Option(None, help="Seed of the first video; video i uses seed+i. Default: random.")
+GUIDANCE_SCALE_OPTION = typer.Option(None, "--guidance-scale", help="True classifier-free guidance (>1: two passes per step).")
+EMBEDDED_GUIDANCE_OPTION = typer.Option(None, "--embedded-guidance", help="Guidance scale of a guidance-distilled model.")
+FLOW_SHIFT_OPTION = typer.Option(None, "--flow-shift", help="Flow-matching schedule shift.")
+NEGATIVE_PROMPT_OPTION = typer.Option(None, "--negative-prompt", help="Negative prompt, used when --guidance-scale > 1.")
+NUM_VIDEOS_OPTION = typer.Option(None, "--num-videos", "-n", help="Videos to make.")
+FPS_OPTION = typer.Option(None, help="Frames per second of the mp4.")
+OUTPUT_OPTION = typer.Option(None, "--output", "-o", help="Output .mp4 (with several videos: NAME_i.mp4).")
+DTYPE_OPTION = typer.Option(None, help="auto, float32, bfloat16 or float16.")
+DEVICE_OPTION = typer.Option(None, help="auto, cpu, cuda, cuda:1, ...")
+VAE_TILING_OPTION = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="Decode in spatial tiles. Default: when a frame exceeds the tile.")
+TEXT_LEN_OPTION = typer.Option(None, "--text-len", help="Maximum prompt length in LLM tokens.")
+ULYSSES_DEGREE_OPTION = typer.Option(None, "--ulysses-degree", help="Sequence parallelism: Ulysses processes.")
+RING_DEGREE_OPTION = typer.Option(None, "--ring-degree", help="Sequence parallelism: ring-attention processes.")
+CFG_PARALLEL_OPTION = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="True CFG's two passes on two processes (x the sequence-parallel ones).")
+REPLAY_OPTION = typer.Option(None, "--replay", metavar="VIDEO.json", help="Make a video again from its sidecar (its settings, seed and prompt); flags override them.")
+GPU_MEMORY_OPTION = typer.Option(None, "--gpu-memory", metavar="GIB", help="GPU memory to plan for (--plan, --offload auto). Default: the GPU's.")
+PLAN_OPTION = typer.Option(False, "--plan", help="Print the estimated peak GPU memory per offload setting and time per step; sample nothing.")
+GENERATE_RECIPE_OPTION = typer.Option(None, "--recipe", "-r", help="A YAML generate recipe; flags override it.")
+
+
 @app.command()
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="What the video shows."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (diffusers format). Default: the embedded model."),
-    height: Optional[int] = typer.Option(None, help="Height in px, a multiple of 16."),
-    width: Optional[int] = typer.Option(None, help="Width in px, a multiple of 16."),
-    frames: Optional[int] = typer.Option(None, help="Number of frames, 4k+1."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the first video; video i uses seed+i. Default: random."),
-    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="True classifier-free guidance (>1: two passes per step)."),
-    embedded_guidance: Optional[float] = typer.Option(None, "--embedded-guidance", help="Guidance scale of a guidance-distilled model."),
-    flow_shift: Optional[float] = typer.Option(None, "--flow-shift", help="Flow-matching schedule shift."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt, used when --guidance-scale > 1."),
-    num_videos: Optional[int] = typer.Option(None, "--num-videos", "-n", help="Videos to make."),
-    fps: Optional[int] = typer.Option(None, help="Frames per second of the mp4."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .mp4 (with several videos: NAME_i.mp4)."),
-    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
-    vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="Decode in spatial tiles. Default: when a frame exceeds the tile."),
-    text_len: Optional[int] = typer.Option(None, "--text-len", help="Maximum prompt length in LLM tokens."),
-    ulysses_degree: Optional[int] = typer.Option(None, "--ulysses-degree", help="Sequence parallelism: Ulysses processes."),
-    ring_degree: Optional[int] = typer.Option(None, "--ring-degree", help="Sequence parallelism: ring-attention processes."),
-    cfg_parallel: Optional[bool] = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="True CFG's two passes on two processes (x the sequence-parallel ones)."),
+    prompt: Optional[str] = PROMPT_ARGUMENT,
+    model: Optional[Path] = MODEL_OPTION,
+    height: Optional[int] = HEIGHT_OPTION,
+    width: Optional[int] = WIDTH_OPTION,
+    frames: Optional[int] = FRAMES_OPTION,
+    steps: Optional[int] = STEPS_OPTION,
+    seed: Optional[int] = SEED_OPTION,
+    guidance_scale: Optional[float] = GUIDANCE_SCALE_OPTION,
+    embedded_guidance: Optional[float] = EMBEDDED_GUIDANCE_OPTION,
+    flow_shift: Optional[float] = FLOW_SHIFT_OPTION,
+    negative_prompt: Optional[str] = NEGATIVE_PROMPT_OPTION,
+    num_videos: Optional[int] = NUM_VIDEOS_OPTION,
+    fps: Optional[int] = FPS_OPTION,
+    output: Optional[Path] = OUTPUT_OPTION,
+    dtype: Optional[str] = DTYPE_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
+    vae_tiling: Optional[bool] = VAE_TILING_OPTION,
+    text_len: Optional[int] = TEXT_LEN_OPTION,
+    ulysses_degree: Optional[int] = ULYSSES_DEGREE_OPTION,
+    ring_degree: Optional[int] = RING_DEGREE_OPTION,
+    cfg_parallel: Optional[bool] = CFG_PARALLEL_OPTION,
     lora: Optional[list[str]] = LORA_OPTION,
-    replay: Optional[Path] = typer.Option(None, "--replay", metavar="VIDEO.json", help="Make a video again from its sidecar (its settings, seed and prompt); flags override them."),
+    replay: Optional[Path] = REPLAY_OPTION,
     attention: Optional[str] = ATTENTION_OPTION,
     offload: Optional[str] = OFFLOAD_OPTION,
     weights_dtype: Optional[str] = WEIGHTS_DTYPE_OPTION,
     compile: Optional[bool] = COMPILE_OPTION,
     step_cache: Optional[str] = STEP_CACHE_OPTION,
-    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", metavar="GIB", help="GPU memory to plan for (--plan, --offload auto). Default: the GPU's."),
-    plan: bool = typer.Option(False, "--plan", help="Print the estimated peak GPU memory per offload setting and time per step; sample nothing."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="A YAML generate recipe; flags override it."),
+    gpu_memory: Optional[float] = GPU_MEMORY_OPTION,
+    plan: bool = PLAN_OPTION,
+    recipe: Optional[Path] = GENERATE_RECIPE_OPTION,
     overrides: Optional[list[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
 ):
@@ -119,16 +164,11 @@ def _run_generate(options: dict) -> None:
         result = plan(config)
         emit(result, options["as_json"], _plan_text(result))
         return
+    from hvctl.generate import prepare
+    from hvctl.parallel import relaunch
+
     processes = config.ulysses_degree * config.ring_degree * (2 if config.cfg_parallel else 1)
-    from hvctl.parallel import under_torchrun
-
-    if processes > 1 and not under_torchrun():
-        from hvctl.generate import prepare
-        from hvctl.parallel import launch
-
-        prepare(config)  # bad settings are one line here, not one per process
-
-        launch(sys.argv[1:], processes)  # each process runs this same command; rank 0 writes
+    if relaunch(processes, check=lambda: prepare(config)):  # each process runs this same command; rank 0 writes
         return
     as_json = options["as_json"]
     result = run_generate(config, progress=None if not as_json else False, on_warning=lambda m: typer.echo(f"warning: {m}", err=True))
@@ -148,25 +188,49 @@ def _plan_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-def i2v(image: Optional[Path] = None, i2v_stability: Optional[bool] = None, **options):
+@app.command("i2v")
+def i2v(
+    image: Optional[Path] = typer.Argument(None, metavar="IMAGE", help="The first frame (PNG, JPEG, ...): resized to cover the video, centre-cropped."),
+    prompt: Optional[str] = PROMPT_ARGUMENT,
+    model: Optional[Path] = MODEL_OPTION,
+    height: Optional[int] = HEIGHT_OPTION,
+    width: Optional[int] = WIDTH_OPTION,
+    frames: Optional[int] = FRAMES_OPTION,
+    steps: Optional[int] = STEPS_OPTION,
+    seed: Optional[int] = SEED_OPTION,
+    guidance_scale: Optional[float] = GUIDANCE_SCALE_OPTION,
+    embedded_guidance: Optional[float] = EMBEDDED_GUIDANCE_OPTION,
+    flow_shift: Optional[float] = FLOW_SHIFT_OPTION,
+    negative_prompt: Optional[str] = NEGATIVE_PROMPT_OPTION,
+    num_videos: Optional[int] = NUM_VIDEOS_OPTION,
+    fps: Optional[int] = FPS_OPTION,
+    output: Optional[Path] = OUTPUT_OPTION,
+    dtype: Optional[str] = DTYPE_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
+    vae_tiling: Optional[bool] = VAE_TILING_OPTION,
+    text_len: Optional[int] = TEXT_LEN_OPTION,
+    ulysses_degree: Optional[int] = ULYSSES_DEGREE_OPTION,
+    ring_degree: Optional[int] = RING_DEGREE_OPTION,
+    cfg_parallel: Optional[bool] = CFG_PARALLEL_OPTION,
+    lora: Optional[list[str]] = LORA_OPTION,
+    replay: Optional[Path] = REPLAY_OPTION,
+    attention: Optional[str] = ATTENTION_OPTION,
+    offload: Optional[str] = OFFLOAD_OPTION,
+    weights_dtype: Optional[str] = WEIGHTS_DTYPE_OPTION,
+    compile: Optional[bool] = COMPILE_OPTION,
+    step_cache: Optional[str] = STEP_CACHE_OPTION,
+    gpu_memory: Optional[float] = GPU_MEMORY_OPTION,
+    plan: bool = PLAN_OPTION,
+    i2v_stability: Optional[bool] = typer.Option(None, "--stability/--no-stability",
+                                                 help="Start from 0.999 noise + 0.001 image latent (default: on; flow shift 7, else 17)."),
+    recipe: Optional[Path] = GENERATE_RECIPE_OPTION,
+    overrides: Optional[list[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+):
     """Generate videos from an image (the first frame) and a prompt, with an image-to-video model."""
-    if image is None and not options.get("replay"):
+    if image is None and not replay:
         raise HvctlError("i2v needs IMAGE (or --replay VIDEO.json)")
-    _run_generate({"image": image, "i2v_stability": i2v_stability, **options})
-
-
-# i2v takes generate's options, after an IMAGE argument and with --stability/--no-stability.
-_generate_parameters = list(inspect.signature(generate, eval_str=True).parameters.values())
-i2v.__signature__ = inspect.Signature([
-    inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],
-                      default=typer.Argument(None, metavar="IMAGE", help="The first frame (PNG, JPEG, ...): resized to cover the video, centre-cropped.")),
-    *_generate_parameters[:-3],
-    inspect.Parameter("i2v_stability", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[bool],
-                      default=typer.Option(None, "--stability/--no-stability",
-                                           help="Start from 0.999 noise + 0.001 image latent (default: on; flow shift 7, else 17).")),
-    *_generate_parameters[-3:],
-])
-app.command("i2v")(i2v)
+    _run_generate(locals())
 
 
 @app.command("avatar")
@@ -209,11 +273,9 @@ def avatar_command(
         flags["condition_guidance.audio"] = audio_guidance
     from hvctl.avatar import AvatarRecipe, avatar as run_avatar
     from hvctl.generate import replay_layer
-    from hvctl.recipe import load_recipe
 
     base = replay_layer(replay, "avatar") if replay else None
-    config = load_recipe(AvatarRecipe, recipe, overrides or (), values=flags, base=base)
-    result = run_avatar(config, progress=None if not as_json else False)
+    _, result = _run_stage(AvatarRecipe, run_avatar, recipe, overrides, flags, as_json, base=base)
     emit(result, as_json, "\n".join(f"wrote {v['path']} (seed {v['seed']})" for v in result["videos"]))
 
 
@@ -231,15 +293,12 @@ def encode(
 ):
     """Encode a manifest's media (VAE posterior) and captions (text states) into a cache."""
     from hvctl.encode import EncodeRecipe, encode as run_encode
-    from hvctl.recipe import load_recipe
 
     flags = dict(manifest=manifest, out=out, model=model, shard=shard, on_error=on_error, device=device)
-    config = load_recipe(EncodeRecipe, recipe, overrides or (), values=flags)
-    result = run_encode(config, progress=None if not as_json else False, on_problem=lambda m: typer.echo(m, err=True))
+    config, result = _run_stage(EncodeRecipe, run_encode, recipe, overrides, flags, as_json, problems=True)
     emit(result, as_json, f"{result['cache']}: encoded {result['encoded']}, already cached {result['skipped_cached']}, "
                           f"failed {len(result['failed'])}; {result['entries']} entries in the cache")
-    if result["failed"] and config.on_error == "fail":
-        raise typer.Exit(1)
+    _exit_if_failed(result, config)
 
 
 @app.command()
@@ -253,10 +312,9 @@ def curate(
 ):
     """Split videos into shots, score and filter the clips, drop near-duplicates; writes a manifest."""
     from hvctl.curate import CurateRecipe, curate as run_curate, summary_table
-    from hvctl.recipe import load_recipe
 
-    config = load_recipe(CurateRecipe, recipe, overrides or (), values=dict(input=input_path, out=out, clips_dir=clips_dir))
-    result = run_curate(config, progress=None if not as_json else False, on_problem=lambda m: typer.echo(m, err=True))
+    _, result = _run_stage(CurateRecipe, run_curate, recipe, overrides, dict(input=input_path, out=out, clips_dir=clips_dir),
+                           as_json, problems=True)
     if as_json:
         emit(result, True, "")
     else:
@@ -265,23 +323,20 @@ def curate(
         Console().print(summary_table(result))
 
 
-def _train_command(schema_name: str, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
+def _train_command(kind: str, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
                    overrides, as_json, mode=None) -> None:
-    from hvctl.parallel import under_torchrun
-    from hvctl.recipe import load_recipe
+    from hvctl.parallel import relaunch, under_torchrun
+    from hvctl.recipe import load_recipe, schema_for_kind
     from hvctl.train import config as train_config
 
-    config = load_recipe(getattr(train_config, schema_name), recipe, overrides or (),
+    config = load_recipe(schema_for_kind(kind), recipe, overrides or (),
                          values=dict(out=out, steps=steps, device=device, nproc=nproc, max_restarts=max_restarts,
                                      **({"mode": mode} if mode is not None else {})))
     if config.nproc < 1 or nnodes < 1:
         raise HvctlError(f"--nproc {config.nproc}, --nnodes {nnodes}: both must be at least 1")
     if not under_torchrun():  # the launcher checks once, before any rank starts
         train_config.check_paths(config)
-    if (config.nproc > 1 or nnodes > 1) and not under_torchrun():
-        from hvctl.parallel import launch
-
-        launch(_without_launch_options(sys.argv[1:]), config.nproc, nnodes, rdzv_endpoint, rdzv_id, config.max_restarts)
+    if relaunch(config.nproc, nnodes, rdzv_endpoint, rdzv_id, config.max_restarts):
         return
     from hvctl.train.trainer import train as run_train
 
@@ -290,7 +345,7 @@ def _train_command(schema_name: str, recipe, out, steps, device, nproc, nnodes, 
         emit(result, as_json, f"trained {result['steps']} steps on {result['processes']} process(es); model: {result['model']}")
 
 
-def _training_command(schema_name: str, kind: str, doc: str):
+def _training_command(kind: str, doc: str):
     """`hvctl train` and `hvctl distill`: one command line, two recipe schemas."""
 
     def command(
@@ -309,7 +364,7 @@ def _training_command(schema_name: str, kind: str, doc: str):
         mode: Optional[str] = typer.Option(None, "--mode", help="cfg: one pass per step (guidance embedded); steps: a "
                                            "few-step student (student_steps); the recipe's 'mode'."),
     ):
-        _train_command(schema_name, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
+        _train_command(kind, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
                        overrides, as_json, mode)
 
     command.__doc__ = doc
@@ -322,26 +377,10 @@ def _training_command(schema_name: str, kind: str, doc: str):
 
 
 app.command("train")(_training_command(
-    "TrainRecipe", "train", "Train the DiT (flow matching) or the VAE; resumes exactly from the run folder's last checkpoint."))
+    "train", "Train the DiT (flow matching) or the VAE; resumes exactly from the run folder's last checkpoint."))
 app.command("distill")(_training_command(
-    "DistillRecipe", "distill", "Distil classifier-free guidance into a guidance-embedded student (one pass per step), "
+    "distill", "Distil classifier-free guidance into a guidance-embedded student (one pass per step), "
     "or with --mode steps the teacher's sampling into a few-step student; trains like `train`."))
-
-
-LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-id", "--max-restarts")
-
-
-def _without_launch_options(argv: list[str]) -> list[str]:
-    """The command line each torchrun worker runs: this one, less the options that launched it."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in LAUNCH_OPTIONS:
-            skip = True
-        elif not arg.startswith(tuple(f"{o}=" for o in LAUNCH_OPTIONS)):
-            kept.append(arg)
-    return kept
 
 
 @app.command()
@@ -358,15 +397,12 @@ def caption(
 ):
     """Write the structured caption of every sample that lacks one; resumable."""
     from hvctl.caption import CaptionRecipe, caption as run_caption
-    from hvctl.recipe import load_recipe
 
     flags = dict(manifest=manifest, out=out, captioner=captioner, model=model, overwrite=overwrite, on_error=on_error)
-    config = load_recipe(CaptionRecipe, recipe, overrides or (), values=flags)
-    result = run_caption(config, progress=None if not as_json else False, on_problem=lambda m: typer.echo(m, err=True))
+    config, result = _run_stage(CaptionRecipe, run_caption, recipe, overrides, flags, as_json, problems=True)
     emit(result, as_json, f"{result['manifest']}: captioned {result['captioned']}, already captioned "
                           f"{result['already_captioned']}, failed {len(result['failed'])} ({result['captioner']})")
-    if result["failed"] and config.on_error == "fail":
-        raise typer.Exit(1)
+    _exit_if_failed(result, config)
 
 
 @app.command()
@@ -413,39 +449,15 @@ def lora_convert(
     as_json: bool = JSON_OPTION,
 ):
     """Convert a LoRA file between the formats of hvctl/diffusers, musubi-tuner and ComfyUI."""
-    from hvctl.io import check_not_input, check_output_file
+    from hvctl.lora import convert_lora_file
 
-    if to not in ("diffusers", "musubi", "kohya", "comfyui"):
-        raise HvctlError(f"--to {to}: choose diffusers, musubi (or kohya) or comfyui")
-    check_output_file(out, "OUT")
-    check_not_input(out, [source], "OUT")
-    import torch
-
-    from hvctl.generate import prepare_model
-    from hvctl.lora import convert_lora, read_lora, save_lora
-    from hvctl.models.loading import ModelFolder, component_from_config
-
-    weights = read_lora(source)
-    model_dir, _ = prepare_model(model)
-    with torch.device("meta"):  # the module names and shapes only: no memory, even for 13B
-        transformer = component_from_config(ModelFolder.open(model_dir), "transformer")
-    try:
-        converted, source_format = convert_lora(weights, to, transformer)
-    except HvctlError as e:
-        raise HvctlError(f"{source}: {e}") from None
-    if to in ("musubi", "kohya"):  # musubi-tuner adapts the double and single blocks alone
-        outside = sorted({k.split(".")[0] for k in converted if not k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_"))})
-        if outside:
-            typer.echo(f"warning: musubi-tuner loads no module outside the double/single blocks: {len(outside)} of this "
-                       f"LoRA's ({outside[0]}, ...) are ignored there", err=True)
-    save_lora(out, converted)
-    emit({"source": str(source), "source_format": source_format, "out": str(out), "format": to, "tensors": len(converted)},
-         as_json, f"wrote {out} ({to} format, {len(converted)} tensors; read as {source_format})")
+    result = convert_lora_file(source, out, to, model, on_warning=lambda m: typer.echo(f"warning: {m}", err=True))
+    emit(result, as_json, f"wrote {out} ({to} format, {result['tensors']} tensors; read as {result['source_format']})")
 
 
 @plugins_app.command("list")
 def plugins_list(
-    kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: captioner, rewriter, filter, cache, conditioner."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: captioner, rewriter, filter, conditioner, audio_encoder."),
     as_json: bool = JSON_OPTION,
 ):
     """The registered plugins: hvctl's built-ins and those of installed packages."""
@@ -496,7 +508,7 @@ def toy_render(
             sizes = [tuple(int(v) for v in s.lower().split("x")) for s in size]
         except ValueError:
             raise HvctlError(f"--size {size}: expected HxW, e.g. 64x96") from None
-    if frames is not None and (frames < 5 or (frames - 1) % 4):
+    if frames is not None and not is_frame_count(frames):
         raise HvctlError(f"--frames {frames}: a toy video has 4k+1 frames, k >= 1")
     if avatar is not None and (images or len(sizes or ()) > 1):
         raise HvctlError("--avatar renders videos only, at one size: give --videos and at most one --size")
@@ -549,33 +561,9 @@ def eval_toy(
     as_json: bool = JSON_OPTION,
 ):
     """Generate the toy prompt set and measure, from pixels, what the videos show."""
-    from hvctl.generate import GenerateRecipe
-    from hvctl.recipe import SEED_RANGE, check_number
     from hvctl.rewrite import RewriteRecipe
-    from hvctl.toy.evaluate import ToyEvalSettings, evaluate_toy
+    from hvctl.toy.evaluate import ToyEvalSettings, evaluate_toy, print_report
 
-    for name, value in (("prompts", prompts), ("batch-size", batch_size)):
-        if value < 1:
-            raise HvctlError(f"--{name} must be at least 1, got {value}")
-    check_number("--seed", seed, SEED_RANGE)
-    check_number("--audio-guidance", audio_guidance, ">= 1")
-    for name, value in (("--guidance-scale", guidance_scale), ("--embedded-guidance", embedded_guidance), ("--flow-shift", flow_shift)):
-        check_number(name, value, GenerateRecipe.LIMITS[name.strip("-").replace("-", "_")])
-    if sum(map(bool, (i2v, rewrite, avatar, vae_only))) > 1:
-        raise HvctlError("--i2v, --rewrite, --avatar and --vae-only: choose one")
-    if manifest is not None and (i2v or avatar):
-        raise HvctlError("--manifest gives text-to-video prompts: not with --i2v or --avatar")
-    if vae_only and vae_videos < 1:
-        raise HvctlError("--vae-only needs --vae-videos of at least 1")
-    if avatar:
-        from hvctl.toy.world import avatar_modes
-
-        for spec in avatar:
-            avatar_modes(spec)  # a bad mode fails before any model loads
-    if frames is not None and (frames < 5 or (frames - 1) % 4):
-        raise HvctlError(f"--frames must be 4k+1 and at least 5, got {frames}")
-    if vae_videos < 0 or any(n < 1 for n in steps or ()):
-        raise HvctlError("--vae-videos must be >= 0 and --steps >= 1")
     settings = ToyEvalSettings(model=model, prompts=prompts, seed=seed, steps=tuple(steps or ()),
                                guidance_scale=guidance_scale, embedded_guidance=embedded_guidance,
                                flow_shift=flow_shift, batch_size=batch_size, vae_videos=vae_videos, vae_only=vae_only, manifest=manifest, out=out,
@@ -585,52 +573,8 @@ def eval_toy(
     result = evaluate_toy(settings, progress=None if not as_json else False)
     if as_json:
         emit(result, True, "")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    from hvctl.toy.evaluate import ATTRIBUTES
-
-    if result.get("avatar"):
-        Console().print(_avatar_table(result))
-        return
-    table = Table(title=f"toy eval: {result['model']['path']}")
-    for column in ("steps", "prompts", "compositions", "videos", "strict", *ATTRIBUTES):
-        table.add_column(column, justify="right")
-    rows = [(str(run["steps"]), run["prompts"], run["accuracy"]) for run in result["runs"]]
-    if "vae" in result:  # the true videos through the VAE: the ceiling
-        rows.append(("-", "VAE ceiling", result["vae"]["accuracy"]))
-    for steps, prompts, accuracy in rows:
-        for group, acc in accuracy.items():
-            table.add_row(steps, prompts, group.replace("_", "-"), str(acc["n"]),
-                          *(f"{100 * acc[k]:.1f}%" for k in ("strict", *ATTRIBUTES)))
-    console = Console()
-    console.print(table)
-    for run in result["runs"]:
-        if "frame0_psnr" in run:
-            console.print(f"{run['steps']} steps: frame 0 against the condition image: {run['frame0_psnr']:.2f} dB mean PSNR "
-                          f"(min {run['frame0_psnr_min']:.2f})")
-    if "vae" in result:
-        v = result["vae"]
-        console.print(f"VAE reconstruction: {v['psnr']:.2f} dB mean PSNR (min {v['psnr_min']:.2f}) over {v['videos']} eval videos")
-
-
-def _avatar_table(result: dict):
-    from rich.table import Table
-
-    table = Table(title=f"toy avatar eval: {result['model']['path']}")
-    # size r: correlation of the audio envelope with the object's size; pose and rotation: mean errors
-    for column in ("modes", "frames", "group", "n", "size r", "pose px", "rot deg", "colour", "shape", "bg"):
-        table.add_column(column, justify="right")
-    number = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
-    for run in result["runs"]:
-        modes = run["modes"].replace(",", "+").replace("expression", "expr")
-        for label, rows in (("", run["scores"]), (" (VAE ceiling)", run["vae_ceiling"])):
-            for group, row in rows.items():
-                table.add_row(modes + label, str(run["frames"]), group.replace("_", "-"), str(row["n"]),
-                              number(row["size_correlation"]), number(row["pose_error_px"]), number(row["rotation_error_deg"]),
-                              *(f"{100 * row[k]:.1f}%" for k in ("color_kept", "shape_kept", "background_kept")))
-    return table
+    else:
+        print_report(result)
 
 
 @model_app.command("init")
@@ -670,21 +614,10 @@ def model_compose(
     as_json: bool = JSON_OPTION,
 ):
     """Write a model folder made of another's components, recast, with new generation defaults."""
-    import yaml
-
-    from hvctl.models.compose import compose_model
+    from hvctl.models.compose import compose_from_flags
     from hvctl.models.info import describe
 
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise HvctlError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
-    pairs = {}
-    for flag, items in (("--take", take or ()), ("--default", defaults or ())):
-        for item in items:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise HvctlError(f"{flag} {item}: expected KEY=VALUE")
-            pairs.setdefault(flag, {})[key] = Path(value) if flag == "--take" else yaml.safe_load(value)
-    path = compose_model(base, out, take=pairs.get("--take"), dtype=dtype, defaults=pairs.get("--default"), i2v=i2v)
+    path = compose_from_flags(base, out, take or [], dtype, defaults or [], i2v)
     info = describe(path)
     emit(info, as_json, f"wrote {path} ({info['parameters']:,} parameters)")
 

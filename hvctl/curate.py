@@ -35,14 +35,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from hvctl.data.manifest import ManifestRecord, iter_manifest, write_manifest
+from hvctl.data.formats import ASPECT_BUCKETS, DURATION_BUCKETS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_frame_count
 from hvctl.errors import HvctlError
 from hvctl.io import atomic_output, check_not_input, check_output_file, write_text_atomic
 from hvctl.plugins import SampleFailure, create
 from hvctl.progress import progress_bar
-from hvctl.toy.world import ASPECT_BUCKETS, DURATION_BUCKETS
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BUILTIN_FILTERS = ("clarity", "motion", "text_area")  # run unless a recipe sets them to null
 
 
@@ -209,7 +207,7 @@ def check_recipe(r: CurateRecipe) -> None:
         (r.dedup.threshold is not None and not 0 < r.dedup.threshold <= 1, f"'dedup.threshold' must be in (0, 1] or null, got {r.dedup.threshold}"),
         (r.dedup.frames < 1 or r.dedup.size < 2, f"'dedup.frames' must be >= 1 and 'dedup.size' >= 2, got {r.dedup.frames} and {r.dedup.size}"),
         (not 0 <= r.crf <= 51, f"'crf' must be in 0..51, got {r.crf}"),
-        (not r.frame_buckets or any(f < 5 or (f - 1) % 4 for f in r.frame_buckets), f"'frame_buckets' must all be 4k+1 >= 5, got {r.frame_buckets}"),
+        (not r.frame_buckets or not all(is_frame_count(f) for f in r.frame_buckets), f"'frame_buckets' must all be 4k+1 >= 5, got {r.frame_buckets}"),
         (not r.aspect_buckets or any(h % 16 or w % 16 or h < 16 or w < 16 for h, w in r.aspect_buckets), f"'aspect_buckets' must be multiples of 16, got {r.aspect_buckets}"),
     ]
     for bad, message in problems:
@@ -246,8 +244,7 @@ def find_sources(path: Path, exclude: Path, on_bad_line=None) -> list[Source]:
     if path.is_file() and _media_kind(path):
         return [Source(path.stem, path, _media_kind(path))]
     if path.is_file():
-        # A bad manifest line's error reads "{manifest}:{line}: {reason}".
-        on_error = None if on_bad_line is None else (lambda e: on_bad_line(None, *str(e).partition(": ")[::2]))
+        on_error = None if on_bad_line is None else (lambda e: on_bad_line(None, e.where, e.reason))
         return [Source(rec.id, rec.media_path(path.parent), rec.kind, rec) for rec in iter_manifest(path, on_error=on_error)]
     raise HvctlError(f"{path}: no such file or folder")
 

@@ -6,12 +6,16 @@ shard by shard (see hvctl/cache.py), so a run killed at any moment loses at most
 its open shard, and the next run completes the cache. `--shard i/n` gives each of n processes or
 machines the samples whose id hashes to i; they write into one cache folder (shared storage) and
 their shards join in one index.
+
+Per sample: `read_sample` finds its files, reads its media and computes its key
+(cache.sample_key); a key already in the cache is skipped; `encode_sample` makes its tensors;
+`encode` hands them to cache.ShardWriter. A sample that cannot be encoded raises BadSample
+naming the file at fault, which the run records before going on (or stops at, on_error: fail).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from hvctl.errors import HvctlError
-from hvctl.toy.world import ASPECT_BUCKETS, DURATION_BUCKETS
+from hvctl.data.formats import ASPECT_BUCKETS, DURATION_BUCKETS, IMAGE_SUFFIXES, is_frame_count
 
 CONDITION_FIELDS = ("reference", "audio", "pose", "expression", "audio_mask")  # hvctl/avatar.py's, kept torch-free here
 LOSS_MASK_FIELD = "loss_mask"  # a manifest field: an image or video, white where the loss weighs fully
@@ -67,14 +71,6 @@ def in_shard(sample_id: str, shard: tuple[int, int]) -> bool:
     return int(hashlib.sha1(sample_id.encode()).hexdigest(), 16) % n == i
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def remove_stale_temp_files(directory: Path) -> None:
     """Delete temporary shard files left by runs that died (their pid is gone)."""
     for tmp in directory.glob(".*.tmp-*"):
@@ -93,8 +89,8 @@ class Encoder:
     def __init__(self, r: EncodeRecipe, model_dir: Path, text_len: int):
         import torch
 
-        from hvctl.generate import resolve_device_dtype
-        from hvctl.models.loading import ModelFolder, folder_fingerprint, load_components
+        from hvctl.cache import content_hash, encoder_identities
+        from hvctl.models.loading import ModelFolder, folder_fingerprint, load_components, resolve_device_dtype
         from hvctl.models.text import PromptEncoder
         from hvctl.models.vae import configure_tiling
 
@@ -110,11 +106,9 @@ class Encoder:
             for template in ("video", "image")
         }
         self.storage_dtype = getattr(torch, r.storage_dtype)
-        self.vae_id = _hash([folder_fingerprint(model_dir / "vae"), r.vae_tiling, r.vae_tile_size, r.vae_tile_stats, r.storage_dtype])
-        self.text_id = _hash([folder_fingerprint(model_dir / n) for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")]
-                             + [text_len, r.storage_dtype])
-        from hvctl.cache import encoder_identities
-
+        self.vae_id = content_hash([folder_fingerprint(model_dir / "vae"), r.vae_tiling, r.vae_tile_size, r.vae_tile_stats, r.storage_dtype])
+        self.text_id = content_hash([folder_fingerprint(model_dir / n) for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")]
+                                  + [text_len, r.storage_dtype])
         self.identities = encoder_identities(model_dir)  # recorded in every entry; training checks them
 
     def condition_encoder(self):
@@ -127,19 +121,23 @@ class Encoder:
         return self._conditions
 
     def encode_conditions(self, files: dict, bucket, fps: float) -> dict:
+        from hvctl.cache import condition_tensor
+
         h, w, n = bucket
         tensors = self.condition_encoder().from_files(files, h, w, n, fps)
-        return {f"cond.{name}": t.to(self.storage_dtype) for name, t in tensors.items()}
+        return {condition_tensor(name): t.to(self.storage_dtype) for name, t in tensors.items()}
 
     def encode_media(self, frames) -> dict:
+        from hvctl.cache import LATENT_MEAN, LATENT_STD
         from hvctl.models.vae import encode_posterior
 
         mean, std = encode_posterior(self.parts.vae, frames)
-        return {"latent_mean": mean.to(self.storage_dtype), "latent_std": std.to(self.storage_dtype)}
+        return {LATENT_MEAN: mean.to(self.storage_dtype), LATENT_STD: std.to(self.storage_dtype)}
 
     def encode_loss_mask(self, mask_frames, bucket) -> dict:
         """A loss mask (image [1,H,W,3] or video [T,H,W,3] uint8) fitted to the bucket as the media
         is, then pooled onto the VAE's latent grid."""
+        from hvctl.cache import LOSS_MASK
         from hvctl.data.buckets import fit_to_bucket
 
         if mask_frames.shape[0] == 1:  # one image masks every frame
@@ -147,15 +145,17 @@ class Encoder:
         fitted = fit_to_bucket(mask_frames, bucket)
         config = self.parts.vae.config
         pooled = pool_loss_mask(fitted, config.spatial_compression_ratio, config.temporal_compression_ratio)
-        return {LOSS_MASK_FIELD: pooled.to(self.storage_dtype)}
+        return {LOSS_MASK: pooled.to(self.storage_dtype)}
 
     def encode_texts(self, texts: list[str], template: str) -> dict:
+        from hvctl.cache import pooled_tensor, text_tensor
+
         text = self.prompt_encoders[template](texts)
         tensors = {}
         for v in range(len(texts)):
             n = int(text.llm_mask[v].sum())
-            tensors[f"text.{v}"] = text.llm_states[v, :n].to(self.storage_dtype)  # padding is rebuilt on reading
-            tensors[f"pooled.{v}"] = text.pooled[v].to(self.storage_dtype)
+            tensors[text_tensor(v)] = text.llm_states[v, :n].to(self.storage_dtype)  # padding is rebuilt on reading
+            tensors[pooled_tensor(v)] = text.pooled[v].to(self.storage_dtype)
         return tensors
 
 
@@ -185,8 +185,83 @@ def _loss_mask_mismatch(mask_shape, media_shape) -> str | None:
     return None
 
 
-def _hash(items) -> str:
-    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+class BadSample(Exception):
+    """A sample that cannot be encoded: the file at fault and what is wrong with it."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _read_frames(path: Path, as_image: bool):
+    """A media file's frames [T,H,W,3]; a file that cannot be read is this sample's failure."""
+    from hvctl.video import read_image, read_video
+
+    try:
+        return read_image(path)[None] if as_image else read_video(path)[0]
+    except HvctlError as e:  # its message names the file first
+        raise BadSample(path, str(e).removeprefix(f"{path}: ")) from None
+
+
+@dataclass
+class Sample:
+    """A manifest record, its files found and its media read, and its cache key."""
+    record: object  # data.manifest.ManifestRecord
+    frames: object  # [T,H,W,3] uint8, before bucketing
+    bucket: tuple[int, int, int]
+    texts: list[str]
+    conditions: dict[str, Path]  # avatar condition name -> file
+    loss_mask: Path | None
+    key: str
+
+
+def read_sample(rec, manifest_dir: Path, buckets, r: EncodeRecipe, encoder: Encoder) -> Sample:
+    """The sample's key, and what encoding it needs; raises BadSample for a missing or
+    unreadable file or media too short for every bucket."""
+    from hvctl.cache import sample_key
+    from hvctl.data.buckets import assign_bucket
+    from hvctl.data.captions import caption_variants
+
+    path = rec.media_path(manifest_dir)
+    if not path.is_file():
+        raise BadSample(path, "media file not found")
+    frames = _read_frames(path, as_image=rec.kind != "video")
+    bucket = assign_bucket(frames.shape[2], frames.shape[1], frames.shape[0], buckets)
+    if bucket is None:
+        raise BadSample(path, f"{frames.shape[0]} frames, fewer than the shortest frame bucket ({min(r.frame_buckets)})")
+    conditions = {name: manifest_dir / rec.extra[name] for name in CONDITION_FIELDS if rec.extra.get(name)}
+    missing = [p for p in conditions.values() if not p.is_file()]
+    if missing:
+        raise BadSample(missing[0], "condition file not found")
+    mask = manifest_dir / rec.extra[LOSS_MASK_FIELD] if rec.extra.get(LOSS_MASK_FIELD) else None
+    if mask is not None and not mask.is_file():
+        raise BadSample(mask, "loss mask file not found")
+    texts = caption_variants(rec.caption, rec.id, r.caption_variants)
+    audio = encoder.condition_encoder().audio_encoder.identity if "audio" in conditions else None
+    key = sample_key(path, texts, bucket, encoder.vae_id, encoder.text_id, loss_mask=mask, conditions=conditions, audio_encoder=audio)
+    return Sample(rec, frames, bucket, texts, conditions, mask, key)
+
+
+def encode_sample(sample: Sample, encoder: Encoder) -> dict:
+    """The sample's tensors, named as hvctl/cache.py reads them; raises BadSample naming the
+    file at fault (a loss mask or condition file that cannot be read or does not fit)."""
+    from hvctl.data.buckets import fit_to_bucket
+
+    rec, bucket = sample.record, sample.bucket
+    tensors = encoder.encode_media(fit_to_bucket(sample.frames, bucket))
+    if sample.loss_mask is not None:
+        mask_frames = _read_frames(sample.loss_mask, as_image=sample.loss_mask.suffix.lower() in IMAGE_SUFFIXES)  # else a video
+        problem = _loss_mask_mismatch(mask_frames.shape, sample.frames.shape)
+        if problem:
+            raise BadSample(sample.loss_mask, problem)
+        tensors.update(encoder.encode_loss_mask(mask_frames, bucket))
+    for name, path in sample.conditions.items():  # one at a time, so that a failure knows its file
+        try:
+            tensors.update(encoder.encode_conditions({name: path}, bucket, rec.fps or 1.0))
+        except HvctlError as e:  # its message names the file first
+            raise BadSample(path, str(e).removeprefix(f"{path}: ")) from None
+    tensors.update(encoder.encode_texts(sample.texts, "image" if rec.kind == "image" else "video"))
+    return tensors
 
 
 def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) -> dict:
@@ -194,22 +269,20 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
 
     on_problem(message) hears each skipped sample as it happens (the CLI prints it).
     """
-    from hvctl.cache import CacheLock, ShardWriter, latest_by_id, load_entries, shard_dir, write_empty_text, write_index
-    from hvctl.curate import IMAGE_SUFFIXES
-    from hvctl.data.buckets import BucketConfig, assign_bucket, fit_to_bucket
-    from hvctl.data.captions import caption_variants
+    from hvctl.cache import (CacheLock, ShardWriter, latest_by_id, load_entries, pooled_tensor, shard_dir, text_tensor,
+                             write_empty_text, write_index)
+    from hvctl.data.buckets import BucketConfig
     from hvctl.data.manifest import iter_manifest
-    from hvctl.generate import prepare_model
     from hvctl.io import check_output_dir
+    from hvctl.models.loading import prepare_model
     from hvctl.progress import progress_bar
-    from hvctl.video import read_image, read_video
 
     if r.manifest is None or r.out is None:
         raise HvctlError("encode needs a manifest and an output cache folder (MANIFEST --out CACHE)")
     for name in ("caption_variants", "samples_per_shard", "vae_tile_size"):
         if getattr(r, name) < 1:
             raise HvctlError(f"'{name}' must be at least 1, got {getattr(r, name)}")
-    if any(f < 1 or (f - 1) % 4 for f in r.frame_buckets):
+    if not all(is_frame_count(f, image=True) for f in r.frame_buckets):
         raise HvctlError(f"frame_buckets must all be 4k+1, got {r.frame_buckets}")
     if any(h % 16 or w % 16 for h, w in r.aspect_buckets):
         raise HvctlError(f"aspect_buckets must be multiples of 16, got {r.aspect_buckets}")
@@ -219,15 +292,13 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
     failures: list[dict] = []
 
     def fail(sample_id, path, reason):
-        failure = {"id": sample_id, "path": str(path), "reason": reason}
         if r.on_error == "fail":
             raise HvctlError(f"{path}: {reason}" + (f" (sample {sample_id})" if sample_id else ""))
-        failures.append(failure)
+        failures.append({"id": sample_id, "path": str(path), "reason": reason})
         if on_problem:
             on_problem(f"skipped {path}: {reason}")
 
-    # A bad manifest line's error reads "{manifest}:{line}: {reason}".
-    records = list(iter_manifest(manifest, on_error=lambda e: fail(None, *str(e).partition(": ")[::2])))
+    records = list(iter_manifest(manifest, on_error=lambda e: fail(None, e.where, e.reason)))
     if not records and not failures:
         raise HvctlError(f"{manifest}: no samples to encode (the manifest is empty)")
     all_records = len(records)
@@ -243,74 +314,27 @@ def encode(r: EncodeRecipe, *, progress: bool | None = None, on_problem=None) ->
         remove_stale_temp_files(shard_dir(cache))
         encoder = Encoder(r, model_dir, text_len)
         empty = encoder.encode_texts([""], "video")
-        write_empty_text(cache, encoder.text_id, {"text": empty["text.0"], "pooled": empty["pooled.0"]})
+        write_empty_text(cache, encoder.text_id, {"text": empty[text_tensor(0)], "pooled": empty[pooled_tensor(0)]})
         latest = {sample_id: entry.key for sample_id, entry in latest_by_id(load_entries(cache)).items()}
-        tag = f"s{shard[0]}of{shard[1]}-{os.getpid()}"
-        writer = ShardWriter(cache, tag, r.samples_per_shard)
+        writer = ShardWriter(cache, f"s{shard[0]}of{shard[1]}-{os.getpid()}", r.samples_per_shard)
         encoded = skipped = 0
         try:
             with progress_bar(len(records), "encoding", enabled=progress) as advance:
                 for rec in records:
                     advance()
-                    path = rec.media_path(manifest.parent)
-                    if not path.is_file():
-                        fail(rec.id, path, "media file not found")
-                        continue
                     try:
-                        frames = read_video(path)[0] if rec.kind == "video" else read_image(path)[None]
-                    except HvctlError as e:
-                        fail(rec.id, path, str(e).removeprefix(f"{path}: "))
-                        continue
-                    bucket = assign_bucket(frames.shape[2], frames.shape[1], frames.shape[0], buckets)
-                    if bucket is None:
-                        fail(rec.id, path, f"{frames.shape[0]} frames, fewer than the shortest frame bucket ({min(r.frame_buckets)})")
-                        continue
-                    texts = caption_variants(rec.caption, rec.id, r.caption_variants)
-                    key_parts = [file_sha256(path), texts, bucket, encoder.vae_id, encoder.text_id]
-                    conditions = {name: manifest.parent / rec.extra[name] for name in CONDITION_FIELDS if rec.extra.get(name)}
-                    missing = [p for p in conditions.values() if not p.is_file()]
-                    if missing:
-                        fail(rec.id, missing[0], "condition file not found")
-                        continue
-                    mask_path = manifest.parent / rec.extra[LOSS_MASK_FIELD] if rec.extra.get(LOSS_MASK_FIELD) else None
-                    if mask_path is not None:
-                        if not mask_path.is_file():
-                            fail(rec.id, mask_path, "loss mask file not found")
+                        sample = read_sample(rec, manifest.parent, buckets, r, encoder)
+                        if latest.get(rec.id) == sample.key:
+                            skipped += 1
                             continue
-                        key_parts.append(("loss_mask", file_sha256(mask_path)))
-                    if conditions:  # the key covers the condition files and whatever encodes them
-                        key_parts.append(sorted((name, file_sha256(p)) for name, p in conditions.items()))
-                        if "audio" in conditions:
-                            key_parts.append(encoder.condition_encoder().audio_encoder.identity)
-                    key = _hash(key_parts)
-                    if latest.get(rec.id) == key:
-                        skipped += 1
+                        tensors = encode_sample(sample, encoder)
+                    except BadSample as e:
+                        fail(rec.id, e.path, e.reason)
                         continue
-                    tensors = encoder.encode_media(fit_to_bucket(frames, bucket))
-                    if mask_path is not None:
-                        try:
-                            is_image = mask_path.suffix.lower() in IMAGE_SUFFIXES  # anything else is read as a video
-                            mask_frames = read_image(mask_path)[None] if is_image else read_video(mask_path)[0]
-                        except HvctlError as e:
-                            fail(rec.id, mask_path, str(e).removeprefix(f"{mask_path}: "))
-                            continue
-                        problem = _loss_mask_mismatch(mask_frames.shape, frames.shape)
-                        if problem:
-                            fail(rec.id, mask_path, problem)
-                            continue
-                        tensors.update(encoder.encode_loss_mask(mask_frames, bucket))
-                    if conditions:
-                        try:
-                            tensors.update(encoder.encode_conditions(conditions, bucket, rec.fps or 1.0))
-                        except HvctlError as e:  # its message starts with the culprit's path
-                            fail(rec.id, *str(e).partition(": ")[::2])
-                            continue
-                    tensors.update(encoder.encode_texts(texts, "image" if rec.kind == "image" else "video"))
-                    entry = {"key": key, "id": rec.id, "kind": rec.kind, "bucket": list(bucket),
-                             "text_variants": len(texts), "split": rec.split, "conditions": sorted(conditions),
-                             "loss_mask": mask_path is not None, **encoder.identities}
-                    writer.add(entry, tensors)
-                    latest[rec.id] = key
+                    writer.add({"key": sample.key, "id": rec.id, "kind": rec.kind, "bucket": list(sample.bucket),
+                                "text_variants": len(sample.texts), "split": rec.split, "conditions": sorted(sample.conditions),
+                                "loss_mask": sample.loss_mask is not None, **encoder.identities}, tensors)
+                    latest[rec.id] = sample.key
                     encoded += 1
         finally:
             writer.flush()  # what was encoded before an error is kept

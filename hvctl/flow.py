@@ -19,9 +19,16 @@ def shift_sigmas(sigmas, shift: float):
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def default_flow_shift(steps: int, model_shift: float = 7.0) -> float:
+MODEL_FLOW_SHIFT = 7.0  # the official text-to-video shift (50 steps): a model folder's unless its scheduler says otherwise
+I2V_FLOW_SHIFTS = {True: 7.0, False: 17.0}  # the official I2V's, with and without its stability start
+
+
+def default_flow_shift(steps: int, model_shift: float = MODEL_FLOW_SHIFT, *, i2v_stability: bool | None = None) -> float:
     """The shift for a schedule of `steps` when none is set: the model's own for long schedules,
-    and, under 20 steps, 17/7 of it, the official ratio (shift 7 for 50 steps, 17 for fewer than 20)."""
+    and, under 20 steps, 17/7 of it, the official ratio (shift 7 for 50 steps, 17 for fewer than 20).
+    Image-to-video (i2v_stability given): the official I2V's, 7 with the stability start, 17 without."""
+    if i2v_stability is not None:
+        return I2V_FLOW_SHIFTS[bool(i2v_stability)]
     return model_shift * 17.0 / 7.0 if steps < 20 else model_shift
 
 
@@ -45,10 +52,31 @@ def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next)
     return (latents.float() + (sigma_next - sigma) * velocity.float()).to(latents.dtype)
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The point at noise level sigma on the straight path from x0 to noise (sigma per sample)."""
-    sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """The point at noise level sigma on the straight path from x0 to noise (sigma per sample, or one number)."""
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
     return (1 - sigma) * x0 + sigma * noise
+
+
+def guided(conditional: torch.Tensor, unconditional: torch.Tensor, scale, base: torch.Tensor | None = None) -> torch.Tensor:
+    """Classifier-free guidance: the unconditional velocity moved `scale` times the way the
+    condition moves it (scale 1: the conditional one). base: what that move is added to instead
+    of the unconditional velocity (condition guidance adds scale - 1 moves to the full velocity)."""
+    return (unconditional if base is None else base) + scale * (conditional - unconditional)
+
+
+def transformer_velocity(model, hidden_states: torch.Tensor, sigma: torch.Tensor, text_states: torch.Tensor,
+                         text_mask: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+    """One call of a HunyuanVideo transformer at noise level sigma (one, or one per sample): the
+    timestep is 1000 sigma in float32, and a guidance-embedded model gets its scales (one per
+    sample) x1000, as the official embedder takes them. Inputs are on the model's device already."""
+    timestep = timestep_from_sigma(sigma).expand(hidden_states.shape[0]).to(hidden_states.device, torch.float32)
+    return model(
+        hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=text_states, encoder_attention_mask=text_mask,
+        pooled_projections=pooled, guidance=None if guidance is None else (guidance * 1000.0).to(hidden_states.device),
+        return_dict=False,
+    )[0]
 
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

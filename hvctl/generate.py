@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from hvctl import __version__
+from hvctl.data.formats import is_frame_count
 from hvctl.errors import HvctlError
-from hvctl.conditioning import condition_type, latent_channels
+from hvctl.i2v import condition_type, latent_channels
+from hvctl.models.loading import prepare_model, resolve_device_dtype
 from hvctl.rewrite import Rewriter, RewriteRecipe
 
 
@@ -81,7 +83,7 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
 
         for spec in r.lora:  # before any model loads
             check_lora_spec(spec)
-    if r.frames < 1 or (r.frames - 1) % 4:
+    if not is_frame_count(r.frames, image=True):
         raise HvctlError(f"--frames must be 4k+1 (1, 5, 9, 13, 17, ...), got {r.frames}")
     if r.gpu_memory is not None and not (math.isfinite(r.gpu_memory) and r.gpu_memory > 0):
         raise HvctlError(f"--gpu-memory must be a positive number of GiB, got {r.gpu_memory}")
@@ -104,14 +106,13 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
         r.embedded_guidance = 6.0
     if not guidance_embeds and recipe.embedded_guidance is not None:
         raise HvctlError("--embedded-guidance given, but this model has no guidance embedding (use --guidance-scale)")
-    if recipe.flow_shift is None and r.image is not None:  # the official I2V's: 7 with stability, 17 without
-        r.flow_shift = 7.0 if r.i2v_stability else 17.0
-    elif recipe.flow_shift is None and defaults.get("shift_for_steps") == r.steps:  # a step-distilled student's own schedule
-        r.flow_shift = defaults["flow_shift"]
-    elif recipe.flow_shift is None:  # the shift follows the step count unless set
+    if recipe.flow_shift is None and r.image is None and defaults.get("shift_for_steps") == r.steps:
+        r.flow_shift = defaults["flow_shift"]  # a step-distilled student's own schedule
+    elif recipe.flow_shift is None:  # the shift follows the step count (or the I2V design) unless set
         from hvctl.flow import default_flow_shift
 
-        r.flow_shift = default_flow_shift(r.steps, defaults["flow_shift"])
+        r.flow_shift = default_flow_shift(r.steps, defaults["flow_shift"],
+                                          i2v_stability=r.i2v_stability if r.image is not None else None)
     if r.seed is None:
         r.seed = random.randrange(2**31)
     r.negative_prompt = r.negative_prompt or ""
@@ -135,22 +136,6 @@ def output_paths(r: GenerateRecipe) -> list[Path]:
         check_output_file(path, "--output")
         check_output_file(path.with_suffix(".json"), "--output")
     return paths
-
-
-def resolve_device_dtype(device: str, dtype: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise HvctlError(f"--device {device}: not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HvctlError(f"--device {device}: CUDA is not available on this machine")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return device, getattr(torch, dtype)
 
 
 class TextToVideo:
@@ -243,13 +228,14 @@ class TextToVideo:
         encoded (posterior mean, already scaled like the video latents by encode_posterior)."""
         import torch
 
-        from hvctl.conditioning import ImageCondition
+        from hvctl.data.buckets import fit_to_bucket
+        from hvctl.i2v import ImageCondition
         from hvctl.models.vae import encode_posterior
 
         latents = []
         for image in images:
-            frame = fit_image(image, self.r.height, self.r.width)
-            mean, _ = encode_posterior(self.parts.vae, frame[None])
+            frame = fit_to_bucket(image[None], (self.r.height, self.r.width, 1))
+            mean, _ = encode_posterior(self.parts.vae, frame)
             latents.append(mean[None])
         return ImageCondition(condition_type(self.parts.transformer), torch.cat(latents).to(self.device))
 
@@ -277,28 +263,6 @@ class TextToVideo:
         return decode_to_frames(self.parts.vae, latents).numpy()
 
 
-def fit_image(image, height: int, width: int):
-    """[H, W, 3] uint8 -> the video's size: scaled to cover it, then centre-cropped."""
-    import numpy as np
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    scale = max(height / h, width / w)
-    size = (max(width, round(w * scale)), max(height, round(h * scale)))
-    resized = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
-    top, left = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
-    return resized[top:top + height, left:left + width].copy()  # PIL's array is read-only
-
-
-def prepare_model(model: Path | None) -> tuple[Path, dict]:
-    """The model folder to use (the embedded default when none is named) and its generation defaults."""
-    from hvctl.models.default import default_model_dir
-    from hvctl.models.loading import ModelFolder
-
-    model_dir = Path(model) if model else default_model_dir()
-    return model_dir, ModelFolder.open(model_dir).generation_defaults
-
-
 def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
     """Resolve a recipe against its model folder."""
     model_dir, defaults = prepare_model(recipe.model)
@@ -306,6 +270,13 @@ def prepare(recipe: GenerateRecipe) -> tuple[GenerateRecipe, Path]:
     r.lora = [absolute_lora_spec(spec) for spec in r.lora]  # the sidecar replays from anywhere
     device, dtype = resolve_device_dtype(r.device, r.dtype)
     r.model, r.device, r.dtype = model_dir, str(device), str(dtype).removeprefix("torch.")
+    if r.ulysses_degree * r.ring_degree > 1:  # the launcher checks this before any rank starts
+        from hvctl.models.loading import ModelFolder
+        from hvctl.parallel import check_sequence_split
+
+        folder = ModelFolder.open(model_dir)
+        check_sequence_split([(r.frames, r.height, r.width)], folder.component_config("transformer"),
+                             folder.component_config("vae"), r.ulysses_degree, r.ring_degree, "--ulysses-degree/--ring-degree")
     return r, model_dir
 
 

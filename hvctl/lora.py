@@ -172,6 +172,37 @@ def convert_lora(weights: dict, to: str, transformer) -> tuple[dict, str]:
     return from_diffusers(diffusers, "musubi" if to == "kohya" else to, table), FORMATS[source]
 
 
+def convert_lora_file(source: Path, out: Path, to: str, model: Path | None = None, on_warning=None) -> dict:
+    """`hvctl lora convert`: read a LoRA file in any format, write it in format `to` for the model
+    folder `model` (its transformer's module names and shapes; default: the embedded model).
+    on_warning(message) hears what the target tool will not load."""
+    from hvctl.io import check_not_input, check_output_file
+
+    if to not in ("diffusers", "musubi", "kohya", "comfyui"):
+        raise HvctlError(f"--to {to}: choose diffusers, musubi (or kohya) or comfyui")
+    check_output_file(out, "OUT")
+    check_not_input(out, [source], "OUT")
+    import torch  # after the checks: a bad flag answers at once
+
+    from hvctl.models.loading import ModelFolder, component_from_config, prepare_model
+
+    weights = read_lora(source)
+    model_dir, _ = prepare_model(model)
+    with torch.device("meta"):  # the module names and shapes only: no memory, even for 13B
+        transformer = component_from_config(ModelFolder.open(model_dir), "transformer")
+    try:
+        converted, source_format = convert_lora(weights, to, transformer)
+    except HvctlError as e:
+        raise HvctlError(f"{source}: {e}") from None
+    if to in ("musubi", "kohya") and on_warning:  # musubi-tuner adapts the double and single blocks alone
+        outside = sorted({k.split(".")[0] for k in converted if not k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_"))})
+        if outside:
+            on_warning(f"musubi-tuner loads no module outside the double/single blocks: {len(outside)} of this "
+                       f"LoRA's ({outside[0]}, ...) are ignored there")
+    save_lora(out, converted)
+    return {"source": str(source), "source_format": source_format, "out": str(out), "format": to, "tensors": len(converted)}
+
+
 def merged_into(module, weights: dict):
     """`module` with the LoRA's update added into its weights, adapter layers removed."""
     module.load_lora_adapter(weights, prefix=PREFIX.rstrip("."), adapter_name="merge")

@@ -79,6 +79,36 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
                          "its message is above") from None
 
 
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-id", "--max-restarts")
+
+
+def without_launch_options(argv: list[str]) -> list[str]:
+    """The command line each torchrun worker runs: this one, less the options that launched it."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in LAUNCH_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in LAUNCH_OPTIONS)):
+            kept.append(arg)
+    return kept
+
+
+def relaunch(nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
+             max_restarts: int = 0, check=None) -> bool:
+    """The one place a command becomes several processes: when more than one is asked for and
+    this is not one of them, run check() (so that bad settings are one line here, not one per
+    process), then this same command line under torchrun, and return True; else return False
+    and let the caller do the work (as one process, or as one of torchrun's)."""
+    if (nproc <= 1 and nnodes <= 1) or under_torchrun():
+        return False
+    if check is not None:
+        check()
+    launch(without_launch_options(sys.argv[1:]), nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts)
+    return True
+
+
 def init_distributed(device_type: str) -> Ranks:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); one process: nothing."""
     if not under_torchrun():
@@ -155,43 +185,195 @@ def _heads_to_seq(x, group):
     return x.permute(1, 2, 0, 3, 4).reshape(b, n // u, u * h, d)
 
 
-def _attention_block(q, k, v, key_mask=None):
-    """Attention of q (B, H, Nq, d) over one block of keys, with its log-sum-exp for merging."""
+# -- ring attention on fused kernels --------------------------------------------------------------
+#
+# Every block of keys goes through a fused kernel that returns the block's log-sum-exp, so no score
+# matrix is ever materialised and a rank's memory grows linearly with the sequence; blocks merge by
+# their log-sum-exp. The backward runs each block's fused backward against the merged output and
+# log-sum-exp (as flash attention does across its own tiles), and the key/value gradients travel
+# the ring beside the blocks they belong to, reaching their owner after the last step.
+
+
+class _Kernel:
+    """A fused attention that returns its log-sum-exp. q, k, v, out: (B, N, H, d); lse: (B, H, N)
+    float32; `state` is whatever the backward needs besides (the CUDA kernels' RNG state)."""
+
+    trains = True
+
+    def forward(self, q, k, v):
+        raise NotImplementedError
+
+    def backward(self, dout, q, k, v, out, lse, state):
+        raise NotImplementedError
+
+
+def _heads_first(*tensors):
+    return [t.transpose(1, 2) for t in tensors]
+
+
+class _CpuFlash(_Kernel):
+    """torch's flash attention for the CPU (what SDPA runs there)."""
+
+    def forward(self, q, k, v):
+        import torch
+
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_heads_first(q, k, v))
+        return out.transpose(1, 2), lse, None
+
+    def backward(self, dout, q, k, v, out, lse, state):
+        import torch
+
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(*_heads_first(dout, q, k, v, out), lse,
+                                                                                      0.0, False)
+        return _heads_first(*grads)
+
+
+class _CudaSdpa(_Kernel):
+    """torch's SDPA kernels on CUDA: flash attention for half precision, memory-efficient for fp32."""
+
+    def forward(self, q, k, v):
+        import torch
+
+        if q.dtype in (torch.float16, torch.bfloat16):
+            out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(*_heads_first(q, k, v))
+        else:
+            out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(*_heads_first(q, k, v), None, True)
+            lse = lse[..., :q.shape[1]]  # padded to a multiple of 32 queries
+        return out.transpose(1, 2), lse, (seed, offset)
+
+    def backward(self, dout, q, k, v, out, lse, state):
+        import torch
+
+        seed, offset = state
+        if q.dtype in (torch.float16, torch.bfloat16):
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                *_heads_first(dout, q, k, v, out), lse, None, None, q.shape[1], k.shape[1], 0.0, False, seed, offset)
+        else:
+            padded = torch.nn.functional.pad(lse, (0, -lse.shape[-1] % 32))
+            grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+                *_heads_first(dout, q, k, v), None, out.transpose(1, 2), padded, seed, offset, 0.0, [True, True, True, False])[:3]
+        return _heads_first(*grads)
+
+
+class _FlashAttn2(_Kernel):
+    """flash-attn 2, through the wrappers diffusers' own ring attention calls."""
+
+    def forward(self, q, k, v):
+        from diffusers.models.attention_dispatch import _wrapped_flash_attn_forward
+
+        out, lse, _, rng = _wrapped_flash_attn_forward(q, k, v, 0.0, q.shape[-1] ** -0.5, False, -1, -1, 0.0, None, False)
+        return out, lse, rng
+
+    def backward(self, dout, q, k, v, out, lse, state):
+        import torch
+        from diffusers.models.attention_dispatch import _wrapped_flash_attn_backward
+
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _wrapped_flash_attn_backward(dout.contiguous(), q, k, v, out, lse, dq, dk, dv, 0.0, q.shape[-1] ** -0.5, False,
+                                     -1, -1, 0.0, None, False, state)
+        return dq, dk, dv
+
+
+class _FlashAttn3(_Kernel):
+    """flash-attn 3 (Hopper): its public function for the forward, its backward as diffusers calls it."""
+
+    def forward(self, q, k, v):
+        import flash_attn_interface
+
+        out, lse = flash_attn_interface.flash_attn_func(q, k, v, softmax_scale=q.shape[-1] ** -0.5, causal=False,
+                                                        return_attn_probs=True)[:2]
+        return out, lse, None
+
+    def backward(self, dout, q, k, v, out, lse, state):
+        import flash_attn_interface
+        import torch
+
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        flash_attn_interface._flash_attn_backward(dout.contiguous(), q, k, v, out, lse, None, None, None, None, None, None,
+                                                  dq, dk, dv, q.shape[-1] ** -0.5, False, -1, -1, 0.0, False, 0)
+        return dq, dk, dv
+
+
+class _Sage(_Kernel):
+    """SageAttention: quantised, inference only (it has no backward)."""
+
+    trains = False
+
+    def forward(self, q, k, v):
+        from sageattention import sageattn
+
+        out, lse = sageattn(q, k, v, tensor_layout="NHD", is_causal=False, return_lse=True)[:2]
+        return out, lse.float(), None
+
+    def backward(self, dout, q, k, v, out, lse, state):
+        raise HvctlError("--attention sage has no backward pass: train with sdpa, flash or flash3")
+
+
+# diffusers' backend names (as --attention sets them, hvctl/accelerate.py) -> the fused kernel of a
+# ring step; the masked "varlen" forms need no mask here (the text padding is cut off instead).
+_RING_KERNELS = {"flash_varlen": _FlashAttn2, "flash": _FlashAttn2, "_flash_varlen_3": _FlashAttn3, "_flash_3": _FlashAttn3,
+                 "sage_varlen": _Sage, "sage": _Sage}
+
+
+def ring_kernel(backend: str | None, device) -> _Kernel:
+    """The fused kernel that ring attention runs for diffusers' `backend` (None, native, the math
+    kernel: torch's SDPA kernel of the device)."""
+    if backend in _RING_KERNELS:
+        return _RING_KERNELS[backend]()
+    return _CudaSdpa() if device.type == "cuda" else _CpuFlash()
+
+
+def _merge(out, lse, block_out, block_lse):
+    """Two partial attentions over disjoint key blocks -> the attention over both (out in fp32)."""
     import torch
 
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if key_mask is not None:  # (B, Nk), True where a key may be attended
-        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    # A row with every key masked gets weight 0 in the merge instead of NaN.
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True).clamp_min(-1e30)
-    return (scores - lse).exp() @ v, lse
-
-
-def _merge_blocks(out, lse, block_out, block_lse):
-    """Two partial attentions over disjoint key blocks -> the attention over both."""
-    import torch
-
+    if out is None:
+        return block_out.float(), block_lse
     merged = torch.logaddexp(lse, block_lse)
-    return out * (lse - merged).exp() + block_out * (block_lse - merged).exp(), merged
+    weight = lambda l: (l - merged).exp().transpose(1, 2).unsqueeze(-1)  # noqa: E731  (B, H, N) -> (B, N, H, 1)
+    return out * weight(lse) + block_out.float() * weight(block_lse), merged
 
 
-def _ring_shift(x, group):
-    """Pass x to the next rank of the ring and take the previous rank's; gradients flow back."""
+def _text_calls(text_lengths: list[int]):
+    """The text block's kernel calls: (batch slice, unpadded length) per run of equal lengths."""
+    calls, start = [], 0
+    for b in range(1, len(text_lengths) + 1):
+        if b == len(text_lengths) or text_lengths[b] != text_lengths[start]:
+            calls.append((slice(start, b), text_lengths[start]))
+            start = b
+    return calls
+
+
+def _text_forward(kernel, q, text_k, text_v, text_lengths):
+    """Attention of q over the text keys with their padding cut off; an empty text weighs nothing."""
     import torch
 
-    class RingShift(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, t):
-            return _send_receive(t, group, +1)
+    outs, lses, states = [], [], []
+    for rows, n in _text_calls(text_lengths):
+        if n == 0:
+            out, lse, state = q[rows].new_zeros(q[rows].shape), q.new_full((q[rows].shape[0], q.shape[2], q.shape[1]),
+                                                                          float("-inf"), dtype=torch.float32), None
+        else:
+            out, lse, state = kernel.forward(q[rows], text_k[rows, :n], text_v[rows, :n])
+        outs.append(out)
+        lses.append(lse.float())
+        states.append(state)
+    return torch.cat(outs), torch.cat(lses), states
 
-        @staticmethod
-        def backward(ctx, grad):
-            return _send_receive(grad, group, -1)
 
-    return RingShift.apply(x)
+def _text_backward(kernel, dout, q, text_k, text_v, out, lse, text_lengths, states):
+    import torch
+
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(text_k), torch.zeros_like(text_v)
+    for (rows, n), state in zip(_text_calls(text_lengths), states):
+        if n:
+            dq[rows], dk[rows, :n], dv[rows, :n] = kernel.backward(dout[rows], q[rows], text_k[rows, :n], text_v[rows, :n],
+                                                                   out[rows], lse[rows], state)
+    return dq, dk, dv
 
 
-def _send_receive(x, group, step: int):
+def _shift_start(x, group, step: int = 1):
+    """Start passing x `step` ranks along the ring (and taking the one `step` behind's)."""
     import torch
     import torch.distributed as dist
 
@@ -200,9 +382,65 @@ def _send_receive(x, group, step: int):
     received = torch.empty_like(x)
     ops = [dist.P2POp(dist.isend, x, dist.get_global_rank(group, (rank + step) % size), group),
            dist.P2POp(dist.irecv, received, dist.get_global_rank(group, (rank - step) % size), group)]
-    for request in dist.batch_isend_irecv(ops):
+    return received, dist.batch_isend_irecv(ops)
+
+
+def _shift_finish(pending):
+    received, requests = pending
+    for request in requests:
         request.wait()
     return received
+
+
+class _RingAttention:
+    """Autograd of joint attention over a ring: q (B, Nq, H, d) attends to every rank's video key
+    block (this rank's: k, v (B, Nv, H, d)) and to the replicated text keys (B, L, H, d), whose
+    padding (trailing, text_lengths valid per sample) is cut off rather than masked."""
+
+    @staticmethod
+    def apply(q, k, v, text_k, text_v, text_lengths, kernel, ring):
+        import torch
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v, text_k, text_v):
+                out, lse, ctx.text_states = _text_forward(kernel, q, text_k, text_v, text_lengths)
+                out = out.float()
+                block, ctx.states = torch.stack([k, v]), []
+                for i in range(ring.size()):
+                    # The next block travels while this one is computed.
+                    pending = _shift_start(block, ring) if i < ring.size() - 1 else None
+                    block_out, block_lse, state = kernel.forward(q, *block.unbind(0))
+                    out, lse = _merge(out, lse, block_out, block_lse.float())
+                    ctx.states.append(state)
+                    if pending is not None:
+                        block = _shift_finish(pending)
+                out = out.to(q.dtype)
+                ctx.save_for_backward(q, k, v, text_k, text_v, out, lse)
+                return out
+
+            @staticmethod
+            def backward(ctx, dout):
+                q, k, v, text_k, text_v, out, lse = ctx.saved_tensors
+                dout = dout.contiguous()
+                dq, dtext_k, dtext_v = _text_backward(kernel, dout, q, text_k, text_v, out, lse, text_lengths,
+                                                      ctx.text_states)
+                dq, block, carried = dq.float(), torch.stack([k, v]), None
+                for i in range(ring.size()):
+                    pending = _shift_start(block, ring) if i < ring.size() - 1 else None
+                    block_dq, block_dk, block_dv = kernel.backward(dout, q, *block.unbind(0), out, lse, ctx.states[i])
+                    dq += block_dq
+                    # `carried` sums the other ranks' gradients of the block this rank holds now;
+                    # passed on, it reaches the block's owner one step after the last.
+                    partial = torch.stack([block_dk, block_dv]).float()
+                    carried = partial if carried is None else carried + partial
+                    carried = _shift_finish(_shift_start(carried, ring))
+                    if pending is not None:
+                        block = _shift_finish(pending)
+                dk, dv = carried.to(k.dtype).unbind(0)
+                return dq.to(q.dtype), dk, dv, dtext_k, dtext_v
+
+        return Function.apply(q, k, v, text_k, text_v)
 
 
 def joint_attention(video_qkv, text_qkv, text_mask, ulysses=None, ring=None, backend=None):
@@ -212,7 +450,8 @@ def joint_attention(video_qkv, text_qkv, text_mask, ulysses=None, ring=None, bac
     text_qkv: the whole text's, each (B, L, H, d); text_mask: (B, L) bool. Returns (video
     output shard (B, N/S, H, d), text output (B, L, H, d)); with no groups, plain attention.
     Without ring, the attention is diffusers' dispatcher's `backend` (None: its default), the
-    kernel that --attention chose; ring attention merges blocks by their log-sum-exp itself.
+    kernel that --attention chose; with ring, that kernel's fused form returning its log-sum-exp
+    runs each block (ring_kernel), and _RingAttention merges them.
     """
     import torch
     import torch.distributed._functional_collectives as funcol
@@ -231,15 +470,14 @@ def joint_attention(video_qkv, text_qkv, text_mask, ulysses=None, ring=None, bac
         mask = torch.cat([text_mask.new_ones(text_mask.shape[0], video_len), text_mask], dim=1)
         out = dispatch_attention_fn(q, k, v, attn_mask=mask[:, None, None, :], backend=backend)
     else:
-        q, k, v = (torch.cat([a, b], dim=1).transpose(1, 2) for a, b in zip(video_qkv, text_qkv))  # (B, H, N + L, d)
-        video_len = q.shape[2] - length
-        out, lse = _attention_block(q, k[:, :, video_len:], v[:, :, video_len:], text_mask)
-        block_k, block_v = k[:, :, :video_len], v[:, :, :video_len]
-        for i in range(ring.size()):
-            out, lse = _merge_blocks(out, lse, *_attention_block(q, block_k, block_v))
-            if i < ring.size() - 1:
-                block_k, block_v = _ring_shift(block_k, ring), _ring_shift(block_v, ring)
-        out = out.to(q.dtype).transpose(1, 2)  # (B, N + L, H, d)
+        q = torch.cat([video_qkv[0], text_qkv[0]], dim=1)  # (B, N + L, H, d): video and text queries alike
+        video_len = q.shape[1] - length
+        # HunyuanVideo pads its text at the end (the model builds its mask from the lengths).
+        text_lengths = text_mask.sum(dim=1)
+        if not (text_mask == (torch.arange(length, device=text_mask.device) < text_lengths[:, None])).all():
+            raise HvctlError("ring attention: the text padding must come after the text (a mask of leading ones per sample)")
+        text_lengths = text_lengths.tolist()
+        out = _RingAttention.apply(q, *video_qkv[1:], *text_qkv[1:], text_lengths, ring_kernel(backend, q.device), ring)
     video_out, text_out = out[:, :video_len], out[:, video_len:]
     if ulysses is not None and ulysses.size() > 1:
         video_out = _heads_to_seq(video_out, ulysses)
@@ -296,6 +534,30 @@ def _shard_sequence(x, group, dim: int):
     return x.chunk(size, dim=dim)[group.rank()]
 
 
+def video_tokens(dit_config: dict, vae_config: dict, frames: int, height: int, width: int) -> int:
+    """The DiT's video tokens for a (frames, height, width) video, from the two configs alone."""
+    from hvctl.models.vae import latent_shape
+
+    _, t, h, w = latent_shape(vae_config, dit_config.get("in_channels", 16), frames, height, width)
+    p, pt = dit_config.get("patch_size", 2), dit_config.get("patch_size_t", 1)
+    return t // pt * (h // p) * (w // p)
+
+
+def check_sequence_split(sizes, dit_config: dict, vae_config: dict, ulysses: int, ring: int, what: str) -> None:
+    """Before any rank starts: every (frames, height, width) in `sizes` gives a token count that
+    splits evenly over ulysses x ring ranks, and the Ulysses degree divides the heads."""
+    heads = dit_config.get("num_attention_heads", 24)
+    if heads % ulysses:
+        raise HvctlError(f"{what}: Ulysses degree {ulysses} must divide the model's {heads} attention heads")
+    ranks = ulysses * ring
+    for frames, height, width in sizes:
+        tokens = video_tokens(dit_config, vae_config, frames, height, width)
+        if tokens % ranks:
+            raise HvctlError(f"{what}: {frames} frames of {width}x{height} make {tokens} video tokens, which do not split "
+                             f"evenly over ulysses {ulysses} x ring {ring} = {ranks} ranks; choose sizes whose token "
+                             f"count is a multiple of {ranks}")
+
+
 def apply_sequence_parallel(transformer, mesh) -> None:
     """Shard a HunyuanVideo transformer's video tokens over mesh's "ring" x "ulysses" ranks.
 
@@ -312,6 +574,8 @@ def apply_sequence_parallel(transformer, mesh) -> None:
         raise HvctlError(f"Ulysses degree {ulysses.size()} must divide the model's {heads} attention heads")
     sequence = mesh["ring", "ulysses"]._flatten("sequence").get_group()  # ring-major, as the shards are laid out
     processor = SequenceParallelAttnProcessor(ulysses, ring)
+    # The kernel --attention (or a recipe's `attention`) chose stays the kernel.
+    processor._attention_backend = transformer.transformer_blocks[0].attn.processor._attention_backend
     for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
         block.attn.set_processor(processor)
     transformer.x_embedder.register_forward_hook(lambda m, args, out: _shard_sequence(out, sequence, 1))

@@ -1,7 +1,7 @@
 """The plugin registry: named implementations for the places where users choose one.
 
-A recipe names a captioner, a rewriter, a curation filter, an inference cache, a conditioner or an
-audio encoder by its registered name; `get(kind, name)` finds it. Implementations come from the `hvctl.plugins`
+A recipe names a captioner, a rewriter, a curation filter, a conditioner or an audio encoder by its
+registered name; `get(kind, name)` finds it. Implementations come from the `hvctl.plugins`
 entry-point group: hvctl's own built-ins (the packages in plugins/) are declared there by hvctl's
 pyproject.toml exactly as a third-party package declares its own:
 
@@ -25,7 +25,6 @@ KINDS = {
     "captioner": "writes the structured caption of a sample (hvctl caption)",
     "rewriter": "rewrites a user's prompt (hvctl rewrite, generate's rewrite step)",
     "filter": "scores samples and drops those past a threshold (hvctl curate)",
-    "cache": "reuses computation across sampling steps (hvctl generate)",
     "conditioner": "steers the DiT by a condition besides the text (hvctl avatar)",
     "audio_encoder": "turns a waveform into per-frame features (hvctl avatar)",
 }

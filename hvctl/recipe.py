@@ -64,7 +64,7 @@ RECIPE_KINDS: dict[str, str] = {
     "encode": "hvctl.encode:EncodeRecipe",
     "curate": "hvctl.curate:CurateRecipe",
     "train": "hvctl.train.config:TrainRecipe",
-    "distill": "hvctl.train.config:DistillRecipe",
+    "distill": "hvctl.train.distill:DistillRecipe",
     "caption": "hvctl.caption:CaptionRecipe",
     "rewrite": "hvctl.rewrite:RewriteRecipe",
     "avatar": "hvctl.avatar:AvatarRecipe",

@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-from hvctl.conditioning import ImageCondition
+from hvctl.i2v import ImageCondition
 from hvctl.errors import HvctlError
-from hvctl.flow import euler_step, sampling_sigmas, timestep_from_sigma
+from hvctl.flow import euler_step, guided, sampling_sigmas, transformer_velocity
 from hvctl.models.text import TextConditions
 
 
@@ -21,25 +21,20 @@ from hvctl.models.text import TextConditions
 class Conditions:
     text: TextConditions
     negative_text: TextConditions | None = None  # needed for true classifier-free guidance
-    image: ImageCondition | None = None  # image-to-video models (hvctl/conditioning.py)
+    image: ImageCondition | None = None  # image-to-video models (hvctl/i2v.py)
 
 
 def predict_velocity(model, latents: torch.Tensor, sigma: torch.Tensor, text: TextConditions,
                      embedded_guidance: float | None) -> torch.Tensor:
     """One model call, with the dtypes diffusers' HunyuanVideoPipeline uses."""
     batch, dtype = latents.shape[0], model.dtype
-    timestep = timestep_from_sigma(sigma).expand(batch).to(latents.device, torch.float32)
     guidance = None
     if model.config.guidance_embeds:
         if embedded_guidance is None:
             raise ValueError("this model is guidance-distilled: an embedded guidance scale is required")
-        # The official embedder takes the scale x1000.
-        guidance = torch.full((batch,), embedded_guidance, dtype=dtype, device=latents.device) * 1000.0
+        guidance = torch.full((batch,), embedded_guidance, dtype=dtype, device=latents.device)
     text = text.to(latents.device, dtype)
-    return model(
-        hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=text.llm_states,
-        encoder_attention_mask=text.llm_mask, pooled_projections=text.pooled, guidance=guidance, return_dict=False,
-    )[0]
+    return transformer_velocity(model, latents.to(dtype), sigma, text.llm_states, text.llm_mask, text.pooled, guidance)
 
 
 def _gather_passes(velocity: torch.Tensor, group) -> torch.Tensor:
@@ -84,8 +79,7 @@ class FlowMatchEulerSampler:
             if split:
                 velocity = _gather_passes(velocity, self.cfg_group)
             if use_cfg:
-                cond, uncond = velocity.chunk(2)
-                velocity = uncond + self.guidance_scale * (cond - uncond)
+                velocity = guided(*velocity.chunk(2), self.guidance_scale)
             latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
             if image is not None:
                 latents = image.after_step(latents)

@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from hvctl.data.formats import AUDIO_RATE
 from hvctl.errors import HvctlError
 from hvctl.io import atomic_output
 
@@ -97,7 +98,7 @@ def write_wav(path, samples, sample_rate):
     return path
 
 
-def read_audio(path, sample_rate=16000):
+def read_audio(path, sample_rate=AUDIO_RATE):
     """Decode the first audio stream of a file (wav, mp3, an mp4's audio, ...): mono float32 [N] in
     [-1, 1] at `sample_rate`, downmixed and resampled as needed."""
     path = Path(path)

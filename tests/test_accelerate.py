@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hvctl.generate import GenerateRecipe, TextToVideo, prepare, resolve_device_dtype
+from hvctl.generate import GenerateRecipe, TextToVideo, prepare
+from hvctl.models.loading import resolve_device_dtype
 
 PROMPT = "a red circle moves left on a black background"
 SIZE = dict(height=32, width=48, frames=9, steps=4, seed=3, text_len=32)
@@ -64,6 +65,7 @@ def test_every_attention_goes_through_the_chosen_backend(tiny_model, monkeypatch
     assert seen.count("_native_math") >= blocks and set(seen) == {"_native_math"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, package", [("flash", "flash-attn"), ("flash3", "flash-attn 3"), ("sage", "sageattention")])
 def test_a_missing_attention_package_is_one_line_naming_it(tiny_model, tmp_path, name, package):
     from hvctl.accelerate import _installed
@@ -80,6 +82,7 @@ def test_a_missing_attention_package_is_one_line_naming_it(tiny_model, tmp_path,
 # -- offload ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["model", "group", "sequential"])
 def test_every_offload_mode_gives_exactly_the_plain_result(tiny_model, plain, mode):
     latents, frames = sample(t2v_for(tiny_model, offload=mode))
@@ -191,6 +194,7 @@ def test_fp8_weights_halve_the_bytes_of_bf16(tiny_model):
     assert 0.5 < weight_bytes(fp8) / weight_bytes(bf16) < 0.515
 
 
+@pytest.mark.slow
 def test_fp8_weights_stay_within_their_bound_of_full_precision(tiny_model, plain):
     """Stated bound: FP8 (e4m3) storage moves the latents by under 5% (relative RMS) on the tiny
     model, within 20x of what bf16 storage moves them (bf16 has 3 more mantissa bits: ~8x finer)."""
@@ -203,6 +207,7 @@ def test_fp8_weights_stay_within_their_bound_of_full_precision(tiny_model, plain
     assert fp8_error < 20 * bf16_error
 
 
+@pytest.mark.slow
 def test_bad_weights_dtype_is_one_line(tiny_model, tmp_path):
     result = run_cli("generate", "x", "-m", tiny_model, "--weights-dtype", "int8", "--steps", "1", "-o", tmp_path / "a.mp4")
     assert result.returncode != 0
@@ -213,6 +218,7 @@ def test_bad_weights_dtype_is_one_line(tiny_model, tmp_path):
 # -- step caches ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["teacache", "fbc"])
 def test_a_zero_threshold_equals_the_uncached_run(tiny_model, plain, kind):
     t2v = t2v_for(tiny_model, step_cache=f"{kind}:0")
@@ -220,6 +226,7 @@ def test_a_zero_threshold_equals_the_uncached_run(tiny_model, plain, kind):
     assert t2v.step_cache.summary() == {"kind": kind, "threshold": 0.0, "computed": SIZE["steps"], "skipped": 0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, threshold", [("teacache", 0.3), ("fbc", 2.0)])
 def test_a_positive_threshold_skips_steps_and_counts_them(tiny_model, plain, kind, threshold):
     t2v = t2v_for(tiny_model, step_cache=f"{kind}:{threshold}", steps=8)
@@ -235,6 +242,7 @@ def test_a_positive_threshold_skips_steps_and_counts_them(tiny_model, plain, kin
     assert torch.equal(again, latents) and t2v.step_cache.summary() == summary
 
 
+@pytest.mark.slow
 def test_step_cache_counts_reach_the_sidecar_and_json(tiny_model, tmp_path):
     out = tmp_path / "v.mp4"
     result = run_cli("generate", PROMPT, "-m", tiny_model, "--steps", "6", "--seed", "1", "--height", "32", "--width", "32",
@@ -248,6 +256,7 @@ def test_step_cache_counts_reach_the_sidecar_and_json(tiny_model, tmp_path):
     assert video["accelerators"]["attention"] == "sdpa"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, message", [
     ("teacache", "give a threshold, e.g. teacache:0.1"),
     ("teacache:-1", "the threshold must be a finite number >= 0"),
@@ -263,6 +272,7 @@ def test_bad_step_cache_is_one_line(tiny_model, tmp_path, spec, message):
 # -- compile ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compile_equals_eager(tiny_model, plain):
     """Regional torch.compile (inductor) of the blocks. Compiling takes a minute or more on this CPU."""
     import shutil
@@ -280,6 +290,7 @@ def test_compile_equals_eager(tiny_model, plain):
 # -- plan -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plan_matches_a_measured_tiny_run(tiny_model):
     """The plan's weights are the loaded bytes exactly; its time per step is within 3x of the
     measured median step on this shared 2-core CPU (tiny models: the per-op floor dominates)."""
@@ -299,6 +310,7 @@ def test_plan_matches_a_measured_tiny_run(tiny_model):
     assert plan.peaks["sequential"] < plan.peaks["group"] <= plan.peaks["model"] <= plan.peaks["none"]
 
 
+@pytest.mark.slow
 def test_plan_cli_and_offload_auto_follow_the_memory_budget(tiny_model, tmp_path):
     result = run_cli("generate", "x", "-m", tiny_model, "--plan", "--gpu-memory", "0.02", "--json")
     assert result.returncode == 0, result.stderr
@@ -316,6 +328,7 @@ def test_plan_cli_and_offload_auto_follow_the_memory_budget(tiny_model, tmp_path
     assert t2v_for(tiny_model, offload="auto").accelerators.applied["offload"] == "none"  # a CPU: nothing to save
 
 
+@pytest.mark.slow
 def test_bad_gpu_memory_is_one_line(tiny_model):
     result = run_cli("generate", "x", "-m", tiny_model, "--plan", "--gpu-memory", "-3")
     assert result.returncode != 0

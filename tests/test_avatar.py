@@ -236,6 +236,7 @@ def test_a_changed_condition_file_is_encoded_again_and_a_missing_one_reported(av
     assert [f["reason"] for f in result["failed"]] == ["condition file not found"]
 
 
+@pytest.mark.slow
 def test_train_avatar_exports_conditioners_beside_a_plain_transformer_and_resumes_exactly(avatar_cache, tiny_model, tmp_path):
     from diffusers import HunyuanVideoTransformer3DModel
     from safetensors.torch import load_file
@@ -266,6 +267,7 @@ def test_train_avatar_exports_conditioners_beside_a_plain_transformer_and_resume
     assert whole["steps"] == 4
 
 
+@pytest.mark.slow
 def test_train_avatar_without_cached_conditions_is_one_line(tiny_model, tmp_path):
     from conftest import small_cache
 
@@ -302,6 +304,7 @@ def condition_files(tmp_path_factory):
     return {k: root / record[k] for k in ("reference", "audio", "pose", "expression")}
 
 
+@pytest.mark.slow
 def test_hvctl_avatar_follows_the_audio_length_windows_it_and_muxes_the_audio(avatar_model, condition_files, tmp_path):
     import av
 
@@ -324,6 +327,7 @@ def test_hvctl_avatar_follows_the_audio_length_windows_it_and_muxes_the_audio(av
     assert np.array_equal(read_video(out)[0], read_video(again)[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--model", "{plain}"], "no avatar conditioners"),
     (["--expression", "{missing}"], "no such file"),
@@ -340,6 +344,7 @@ def test_hvctl_avatar_bad_input_is_one_line(args, message, avatar_model, tiny_mo
     assert not (tmp_path / "x.mp4").exists()
 
 
+@pytest.mark.slow
 def test_eval_toy_avatar_reports_each_figure(avatar_model, tmp_path):
     done = run_cli("eval", "toy", "--model", avatar_model, "--avatar", "audio,pose,expression", "--avatar", "pose",
                    "--prompts", "3", "--steps", "2", "--frames", "9", "--json", "--out", tmp_path)
@@ -354,6 +359,7 @@ def test_eval_toy_avatar_reports_each_figure(avatar_model, tmp_path):
     assert ceiling.keys() == row.keys() and ceiling["n"] == 3 and ceiling["size_correlation_n"] == 3
 
 
+@pytest.mark.slow
 def test_model_compose_carries_the_conditioners_recast(avatar_model, tmp_path):
     from safetensors.torch import load_file
 
@@ -366,6 +372,7 @@ def test_model_compose_carries_the_conditioners_recast(avatar_model, tmp_path):
     assert load_conditioners(tmp_path / "half", transformer_of(tmp_path / "half")) is not None
 
 
+@pytest.mark.slow
 def test_the_embedded_toy_avatar_model_follows_the_audio_and_the_pose(tmp_path):
     """The shipped model (recipes/toy/avatar.yaml, then avatar-masked(2).yaml), with no --model: a
     33-frame clip, so two blended windows, tracks the pose and sizes the object by the loudness."""

@@ -74,6 +74,7 @@ def test_captioning_is_incremental_and_resumable(rendered, monkeypatch):
     assert again["captioned"] == 0 and again["already_captioned"] == 48
 
 
+@pytest.mark.slow
 def test_a_sample_that_cannot_be_captioned_is_recorded_not_fatal(rendered, tmp_path):
     manifest, _ = uncaptioned_copy(rendered, rendered.parent, "broken.jsonl")
     records = read_manifest(manifest)
@@ -94,6 +95,7 @@ def test_a_sample_that_cannot_be_captioned_is_recorded_not_fatal(rendered, tmp_p
     assert failing.returncode == 1 and "corrupt.mp4" in failing.stderr
 
 
+@pytest.mark.slow
 def test_unknown_captioner_is_one_line_listing_the_choices(rendered):
     done = run_cli("caption", rendered, "--captioner", "gpt9")
     assert done.returncode == 1

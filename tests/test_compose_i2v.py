@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hvctl.conditioning import CONDITION_TYPES
+from hvctl.i2v import CONDITION_TYPES
 from hvctl.video import read_image, write_image
 from test_i2v_official import PROMPT, TEXT_LEN, build_official_i2v, diffusers_pipeline, diffusers_template, hvctl_t2v
 
@@ -19,6 +19,7 @@ def llava_folder(tmp_path_factory):
     return build_official_i2v(tmp_path_factory.mktemp("official-i2v") / "token_replace", "token_replace")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", CONDITION_TYPES)
 def test_composed_i2v_folder_runs_in_diffusers(kind, tiny_model, llava_folder, tmp_path):
     from PIL import Image
@@ -47,6 +48,7 @@ def test_composed_i2v_folder_runs_in_diffusers(kind, tiny_model, llava_folder, t
     assert (t2v.latents([4]) - ours).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_a_llava_text_encoder_needs_an_i2v_model(tiny_model, llava_folder, tmp_path):
     done = run_cli("model", "compose", tiny_model, tmp_path / "x", "--take", f"text_encoder={llava_folder}")
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1

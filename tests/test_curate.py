@@ -241,6 +241,7 @@ def test_plugin_module_imports_no_heavy_library():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_cli_json_and_errors(inputs, tmp_path):
     small = tmp_path / "in"
     small.mkdir()

@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from conftest import run_cli
 from hvctl.toy.world import measure
 from hvctl.video import read_video
 
 
+@pytest.mark.slow
 def test_default_model_draws_one_object_on_the_prompted_background(tmp_path):
     backgrounds = ("black", "white", "gray")
     for background in backgrounds:

@@ -8,7 +8,7 @@ import torch
 from conftest import run_cli, small_cache
 from hvctl.errors import HvctlError
 from hvctl.recipe import load_recipe
-from hvctl.train.config import DistillRecipe
+from hvctl.train.distill import DistillRecipe
 from hvctl.train.trainer import Trainer
 
 
@@ -62,6 +62,7 @@ def test_the_target_is_the_teachers_guided_velocity(tiny_model, cache, tmp_path)
     assert abs(logs["guidance_mean"] - scale.mean().item()) < 1e-6
 
 
+@pytest.mark.slow
 def test_distill_writes_a_student_that_generate_and_diffusers_load(tiny_model, cache, tmp_path):
     from diffusers import HunyuanVideoPipeline
 
@@ -85,10 +86,10 @@ def test_distill_writes_a_student_that_generate_and_diffusers_load(tiny_model, c
 def test_the_students_default_guidance(tmp_path, teacher_scale, student_guidance, embedded):
     """Unless the recipe says otherwise, the student embeds the teacher's CFG scale, or the
     official 6 for a teacher run without CFG; it always runs one pass."""
-    from hvctl.train.trainer import _embed_guidance_defaults
+    from hvctl.train.distill import embed_guidance_defaults
 
     (tmp_path / "hvctl.json").write_text(json.dumps({"generation": {"guidance_scale": teacher_scale, "steps": 30}}))
-    _embed_guidance_defaults(tmp_path, student_guidance)
+    embed_guidance_defaults(tmp_path, student_guidance)
     generation = json.loads((tmp_path / "hvctl.json").read_text())["generation"]
     assert generation == {"guidance_scale": 1.0, "embedded_guidance": embedded, "steps": 30}
 

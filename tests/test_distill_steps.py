@@ -162,7 +162,7 @@ def exported(run):
 
 def test_a_resumed_step_distillation_reaches_the_uninterrupted_weights(tiny_model, cache, tmp_path):
     from hvctl.recipe import load_recipe
-    from hvctl.train.config import DistillRecipe
+    from hvctl.train.distill import DistillRecipe
     from hvctl.train.trainer import train
 
     straight = load_recipe(DistillRecipe, write_recipe(tmp_path / "a.yaml", tiny_model, cache, tmp_path / "straight"))
@@ -203,7 +203,7 @@ def test_a_lora_student_without_embedded_guidance_keeps_true_cfg(tiny_model, cac
     import json
 
     from hvctl.recipe import load_recipe
-    from hvctl.train.config import DistillRecipe
+    from hvctl.train.distill import DistillRecipe
     from hvctl.train.trainer import Trainer
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, cache, tmp_path / "run", steps=2,
@@ -226,7 +226,7 @@ def test_the_13b_recipe_is_a_six_step_student_of_the_official_schedule():
 
     from hvctl.models.presets import OFFICIAL_GENERATION_DEFAULTS
     from hvctl.recipe import load_recipe
-    from hvctl.train.config import DistillRecipe
+    from hvctl.train.distill import DistillRecipe
     from hvctl.train.distill_steps import student_schedule
 
     path = Path(__file__).resolve().parent.parent / "recipes" / "distill" / "hunyuan-steps-13b.yaml"

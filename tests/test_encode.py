@@ -110,6 +110,7 @@ def test_cached_latents_equal_a_direct_vae_encode(dataset, tiny_model, tmp_path)
     assert torch.allclose(data[index]["latent_std"], std, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(dataset, tiny_model, tmp_path):
     reference = tmp_path / "reference"
     encode(recipe(dataset, reference, tiny_model))
@@ -132,6 +133,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(dataset, tiny_model, tmp_
     assert_same_cache(reference, crashed)
 
 
+@pytest.mark.slow
 def test_shards_join_into_one_cache(dataset, tiny_model, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     encode(recipe(dataset, whole, tiny_model))
@@ -144,6 +146,7 @@ def test_shards_join_into_one_cache(dataset, tiny_model, tmp_path):
     assert_same_cache(whole, parts)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_cache_stops_cleanly(dataset, tiny_model, tmp_path):
     from hvctl.cache import CacheLock
 
@@ -180,6 +183,7 @@ def broken_dataset(dataset, tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_bad_input_is_skipped_and_reported(broken_dataset, tiny_model, tmp_path):
     cache = tmp_path / "cache"
     result = run_cli("encode", broken_dataset / "manifest.jsonl", "--out", cache, "--model", tiny_model, *BUCKETS, "--json")
@@ -197,6 +201,7 @@ def test_bad_input_is_skipped_and_reported(broken_dataset, tiny_model, tmp_path)
     assert len(LatentCache(cache)) == 8
 
 
+@pytest.mark.slow
 def test_on_error_fail_stops_with_one_line_and_keeps_what_was_done(broken_dataset, tiny_model, tmp_path):
     cache = tmp_path / "cache"
     lines = (broken_dataset / "manifest.jsonl").read_text().splitlines()
@@ -237,6 +242,7 @@ def test_tiled_encoding_uses_tiles_only_where_a_frame_exceeds_one(tiny_model):
         configure_tiling(vae, True, tile_size=48)
 
 
+@pytest.mark.slow
 def test_tiles_normalised_with_frame_statistics_stay_close_to_the_untiled_vae():
     """On the trained toy VAE, 128 px frames in 64 px tiles (9 tiles), twelve samples on all three
     backgrounds. With the frame's GroupNorm statistics, tiled latents decode to within the VAE's own

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import run_cli
 from hvctl.toy.evaluate import _measure, group_of, prompt_set, score
 from hvctl.toy.world import render, sample_spec
@@ -20,6 +22,7 @@ def test_rendered_truth_scores_full_marks_and_a_mismatch_does_not():
     assert shifted["seen"]["strict"] < 0.5
 
 
+@pytest.mark.slow
 def test_eval_toy_cli_json(tiny_model, tmp_path):
     result = run_cli("eval", "toy", "--model", str(tiny_model), "--prompts", "3", "--steps", "2", "--steps", "3",
                      "--vae-videos", "1", "--out", str(tmp_path / "eval"), "--json")
@@ -34,6 +37,7 @@ def test_eval_toy_cli_json(tiny_model, tmp_path):
     assert len(list((tmp_path / "eval" / "steps2").glob("*.mp4"))) == 3
 
 
+@pytest.mark.slow
 def test_eval_toy_vae_only_scores_the_ceiling_alone(tiny_model):
     result = run_cli("eval", "toy", "--model", str(tiny_model), "--vae-only", "--vae-videos", "2", "--json")
     assert result.returncode == 0, result.stderr
@@ -42,6 +46,7 @@ def test_eval_toy_vae_only_scores_the_ceiling_alone(tiny_model):
     assert sum(g["n"] for g in report["vae"]["accuracy"].values()) == 2
 
 
+@pytest.mark.slow
 def test_eval_toy_manifest_scores_the_manifests_clips(tiny_model, tmp_path):
     from hvctl.toy.render import render_dataset
 
@@ -58,11 +63,13 @@ def test_eval_toy_manifest_scores_the_manifests_clips(tiny_model, tmp_path):
                                               for line in manifest.read_text().splitlines()[:2]]
 
 
+@pytest.mark.slow
 def test_eval_toy_rejects_bad_counts(tiny_model):
     result = run_cli("eval", "toy", "--model", str(tiny_model), "--prompts", "0")
     assert result.returncode == 1 and result.stderr.strip() == "error: --prompts must be at least 1, got 0"
 
 
+@pytest.mark.slow
 def test_eval_toy_rewrite_scores_paraphrased_prompts_as_written_and_rewritten(tiny_model, tmp_path):
     result = run_cli("eval", "toy", "--model", str(tiny_model), "--prompts", "4", "--steps", "2", "--vae-videos", "0",
                      "--rewrite", "lexicon", "--out", str(tmp_path / "eval"), "--json")
@@ -76,6 +83,7 @@ def test_eval_toy_rewrite_scores_paraphrased_prompts_as_written_and_rewritten(ti
     assert all(m["prompt"].endswith("background") for m in rewritten)
 
 
+@pytest.mark.slow
 def test_the_shape_test_reads_true_videos_through_the_toy_vae():
     """The eval's ceiling: rendered eval videos through the embedded toy VAE keep their measured
     attributes. The shape test survives the VAE's blur (a bounding-box fill ratio read most

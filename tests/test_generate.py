@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hvctl.generate import GenerateRecipe, TextToVideo, prepare, resolve_device_dtype
+from hvctl.generate import GenerateRecipe, TextToVideo, prepare
+from hvctl.models.loading import resolve_device_dtype
 from hvctl.models.templates import PROMPT_TEMPLATES, crop_start
 
 PROMPT = "a red circle moves left on a black background"
@@ -70,6 +71,7 @@ def test_same_seed_same_latents_and_seed_matters(tiny_model):
     assert not torch.allclose(a, hvctl_latents(tiny_model, seed=12, steps=2))
 
 
+@pytest.mark.slow
 def test_generate_cli_writes_mp4_and_sidecar(tiny_model, tmp_path):
     from hvctl.video import read_video
 
@@ -90,6 +92,7 @@ def test_generate_cli_writes_mp4_and_sidecar(tiny_model, tmp_path):
     assert (tmp_path / "clip_0.mp4").exists() and (tmp_path / "clip_1.mp4").exists()
 
 
+@pytest.mark.slow
 def test_generate_reads_a_recipe_and_flags_win(tiny_model, tmp_path):
     recipe = tmp_path / "gen.yaml"
     recipe.write_text(f"kind: generate\nmodel: {tiny_model}\nprompt: {PROMPT}\nheight: 32\nwidth: 32\nframes: 5\nsteps: 1\nseed: 4\n")
@@ -99,6 +102,7 @@ def test_generate_reads_a_recipe_and_flags_win(tiny_model, tmp_path):
     assert (settings["frames"], settings["width"], settings["height"], settings["seed"]) == (9, 48, 32, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, culprit", [
     (["--frames", "16"], "--frames"),
     (["--height", "50"], "--height"),
@@ -114,6 +118,7 @@ def test_bad_generate_input_is_one_clear_line(tiny_model, tmp_path, args, culpri
     assert not (tmp_path / "x.mp4").exists()
 
 
+@pytest.mark.slow
 def test_unknown_recipe_key_is_one_clear_line(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("kind: generate\nstepz: 3\n")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hvctl.conditioning import CONDITION_TYPES
+from hvctl.i2v import CONDITION_TYPES
 from hvctl.video import read_image, read_video, write_image
 
 PROMPT = "a red circle moves left on a black background"
@@ -93,7 +93,8 @@ def diffusers_template(encoder) -> dict:
 
 
 def hvctl_t2v(model, image, **settings):
-    from hvctl.generate import GenerateRecipe, TextToVideo, prepare, resolve_device_dtype
+    from hvctl.generate import GenerateRecipe, TextToVideo, prepare
+    from hvctl.models.loading import resolve_device_dtype
 
     r, model_dir = prepare(GenerateRecipe(prompt=PROMPT, image=image, model=model, steps=2, frames=5, height=32, width=32,
                                           text_len=TEXT_LEN, dtype="float32", device="cpu", **settings))
@@ -177,6 +178,7 @@ def test_sampled_latents_equal_diffusers(official, first_frame, kind):
     assert (t2v.latents([4]) - ours).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_hvctl_i2v_cli_runs_an_official_folder(official, first_frame, tmp_path):
     out = tmp_path / "v.mp4"
     done = run_cli("i2v", first_frame, PROMPT, "--model", official["token_replace"], "--frames", 5, "--steps", 2,

@@ -26,6 +26,7 @@ def lora_run(tmp_path_factory, tiny_model):
     return json.loads(done.stdout), root
 
 
+@pytest.mark.slow
 def test_a_lora_run_resumes_to_the_uninterrupted_adapter(lora_run, tmp_path):
     report, root = lora_run
     recipe = tmp_path / "lora.yaml"
@@ -57,6 +58,7 @@ def test_lora_training_changes_only_the_adapter_and_saves_it_in_diffusers_format
     assert "transformer_blocks.0.ff.net.0.proj.weight" not in changed
 
 
+@pytest.mark.slow
 def test_generate_with_the_lora_file_matches_the_merged_model(lora_run, tiny_model, tmp_path):
     report, root = lora_run
     musubi = tmp_path / "musubi.safetensors"  # the same adapter in musubi-tuner's format: fused q/k/v, official names
@@ -86,6 +88,7 @@ def test_generate_with_the_lora_file_matches_the_merged_model(lora_run, tiny_mod
     assert np.array_equal(outputs["musubi"], outputs["lora"])  # split back into the very same adapters
 
 
+@pytest.mark.slow
 def test_kohya_conversion_writes_musubi_names_and_round_trips(lora_run, tiny_model, tmp_path):
     report, _ = lora_run
     kohya = tmp_path / "kohya.safetensors"
@@ -109,6 +112,7 @@ def test_kohya_conversion_writes_musubi_names_and_round_trips(lora_run, tiny_mod
     assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
 
 
+@pytest.mark.slow
 def test_bad_lora_files_are_one_line(tiny_model, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not safetensors")

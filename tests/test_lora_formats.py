@@ -104,6 +104,7 @@ def test_musubi_comfyui_and_official_i2v_files_change_the_output_exactly_as_diff
     assert torch.allclose(outputs["musubi"], reference, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_hvctl_to_musubi_and_comfyui_and_back_is_exact(tiny_model, tmp_path):
     g = torch.Generator().manual_seed(1)
     modules = dict(_transformer(tiny_model).named_modules())
@@ -135,6 +136,7 @@ def test_hvctl_to_musubi_and_comfyui_and_back_is_exact(tiny_model, tmp_path):
         assert all(torch.equal(original[k], restored[k]) for k in original), to
 
 
+@pytest.mark.slow
 def test_a_file_whose_keys_fit_no_format_is_one_line(tiny_model, tmp_path):
     odd = tmp_path / "odd.safetensors"
     save_file({"blocks.0.q.weight_delta": torch.zeros(2, 2)}, str(odd))
@@ -149,6 +151,7 @@ def test_a_file_whose_keys_fit_no_format_is_one_line(tiny_model, tmp_path):
         detect_format({"lora_unet_a.lora_down.weight": torch.zeros(1), "diffusion_model.b.lora_A.weight": torch.zeros(1)})
 
 
+@pytest.mark.slow
 def test_a_training_adapter_starts_from_a_community_file_exactly(tiny_model, tmp_path):
     """lora.init: a musubi-format file (fused q/k/v) read into a fresh adapter gives back exactly the
     diffusers-format update it came from; a wrong rank or a module outside the targets is one line."""

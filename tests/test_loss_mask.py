@@ -19,7 +19,8 @@ from hvctl.encode import EncodeRecipe, encode, pool_loss_mask
 from hvctl.errors import HvctlError
 from hvctl.toy.world import ToySample, object_mask, render, sample_spec
 from hvctl.train.config import FlowConfig
-from hvctl.train.objectives import FlowMatchingObjective, GuidanceDistillationObjective
+from hvctl.train.distill import GuidanceDistillationObjective
+from hvctl.train.objectives import FlowMatchingObjective
 from hvctl.video import read_image, read_video, write_image, write_video
 
 
@@ -63,6 +64,7 @@ def test_object_mask_is_the_objects_coverage_whatever_its_colours():
             assert diff.max() <= 2, (background, color)
 
 
+@pytest.mark.slow
 def test_toy_render_writes_masks_and_no_loss_masks_turns_them_off(tmp_path):
     out = tmp_path / "with"
     result = run_cli("toy", "render", out, "--videos", 2, "--images", 1, "--seed", 7, "--size", "64x96")
@@ -425,6 +427,7 @@ def unmasked_cache(tmp_path_factory):
     return root / "cache"
 
 
+@pytest.mark.slow
 def test_a_masked_loss_without_masks_is_a_one_line_error(unmasked_cache, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", unmasked_cache, tmp_path / "run")
     result = run_cli("train", recipe, "--set", "flow.unmasked_weight=0.5")
@@ -434,6 +437,7 @@ def test_a_masked_loss_without_masks_is_a_one_line_error(unmasked_cache, tmp_pat
     assert len(lines) == 1 and lines[0].startswith("error:") and "loss masks" in lines[0], result.stderr
 
 
+@pytest.mark.slow
 def test_a_masked_loss_trains_on_a_masked_cache(masked_dataset, tmp_path):
     from hvctl.recipe import load_recipe
     from hvctl.train.config import TrainRecipe

@@ -9,6 +9,7 @@ from hvctl.errors import HvctlError
 from hvctl.models.loading import ModelFolder, folder_fingerprint, load_components
 
 
+@pytest.mark.slow
 def test_tiny_init_is_deterministic_and_loads_in_diffusers(tmp_path):
     from diffusers import HunyuanVideoPipeline
 
@@ -25,6 +26,7 @@ def test_tiny_init_is_deterministic_and_loads_in_diffusers(tmp_path):
     assert not list((tmp_path / "a").rglob("*.bin")), "weights must be safetensors only"
 
 
+@pytest.mark.slow
 def test_official_preset_meta_has_the_13b_configuration(tmp_path):
     result = run_cli("model", "init", "--preset", "hunyuan-t2v-720p", "--meta", tmp_path / "hy", "--json")
     assert result.returncode == 0, result.stderr
@@ -39,6 +41,7 @@ def test_official_preset_meta_has_the_13b_configuration(tmp_path):
         load_components(tmp_path / "hy", parts=("transformer",))
 
 
+@pytest.mark.slow
 def test_model_info_reports_counts_from_headers(tiny_model):
     result = run_cli("model", "info", tiny_model, "--json")
     assert result.returncode == 0, result.stderr
@@ -50,6 +53,7 @@ def test_model_info_reports_counts_from_headers(tiny_model):
     assert "HunyuanVideoTransformer3DModel" in human.stdout and "total parameters" in human.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, culprit", [
     (["model", "info", "/no/such/model"], "/no/such/model"),
     (["model", "init", "--preset", "huge", "/tmp/never-written"], "huge"),
@@ -61,6 +65,7 @@ def test_model_command_errors_are_one_line(args, culprit):
     assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], result.stderr
 
 
+@pytest.mark.slow
 def test_init_overrides_change_the_preset_config(tmp_path):
     result = run_cli("model", "init", "--preset", "toy", tmp_path / "m", "--json",
                      "--set", "vae.latent_channels=8", "--set", "vae.norm_num_groups=2",
@@ -73,6 +78,7 @@ def test_init_overrides_change_the_preset_config(tmp_path):
     assert json.loads((tmp_path / "m" / "hvctl.json").read_text())["overrides"]["vae"]["latent_channels"] == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, culprit", [
     ("vae.latent_chanels=8", "vae.latent_chanels"), ("unet.x=1", "unet"), ("vae=3", "vae"),
 ])
@@ -83,6 +89,7 @@ def test_init_refuses_unknown_overrides(tmp_path, override, culprit):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_init_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     result = run_cli("model", "init", "--preset", "tiny", tmp_path)
@@ -104,6 +111,7 @@ def test_broken_weights_are_reported_with_the_path(tiny_model, tmp_path):
         ModelFolder.open(broken).component_class("vae")
 
 
+@pytest.mark.slow
 def test_recipe_show_resolves_extends_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text("kind: generate\nsteps: 50\nheight: 720\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nheight: 544\n")

@@ -2,12 +2,14 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_compose_takes_a_component_and_casts(tiny_model, tiny_guided_model, tmp_path):
     out = tmp_path / "composed"
     result = run_cli("model", "compose", tiny_model, out, "--take", f"vae={tiny_guided_model}", "--dtype", "float16",
@@ -27,6 +29,7 @@ def test_compose_takes_a_component_and_casts(tiny_model, tiny_guided_model, tmp_
     assert json.loads(gen.stdout)["settings"]["guidance_scale"] == 4.5
 
 
+@pytest.mark.slow
 def test_compose_errors_are_one_line(tiny_model, tiny_guided_model, tmp_path):
     result = run_cli("model", "compose", tiny_model, tmp_path / "a", "--take", f"transformer={tiny_guided_model}x")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1

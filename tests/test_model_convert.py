@@ -293,6 +293,7 @@ def official_vae(tiny_model, tmp_path_factory):
     return folder / "pytorch_model.pt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["t2v", "latent_concat"])
 def test_an_official_checkpoint_becomes_a_folder_with_the_same_output(kind, tiny_model, official_vae, tmp_path):
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
@@ -379,6 +380,7 @@ def test_module_name_api():
         official.diffusers_module_to_official("transformer_blocks.0.attn.to_qkv")
 
 
+@pytest.mark.slow
 def test_diffusers_official_diffusers_is_bit_exact(tiny_guided_model, tmp_path):
     source = load_file(str(tiny_guided_model / "transformer/diffusion_pytorch_model.safetensors"))
     theirs = official.diffusers_to_official(source)
@@ -443,6 +445,7 @@ def one_line_error(result, *words):
         assert word in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(tiny_model, tmp_path):
     from hvctl.errors import HvctlError
     from hvctl.models.convert import to_diffusers

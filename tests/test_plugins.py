@@ -12,6 +12,7 @@ from hvctl import plugins
 from hvctl.errors import HvctlError
 
 
+@pytest.mark.slow
 def test_builtins_are_listed_by_kind():
     done = run_cli("plugins", "list", "--json")
     assert done.returncode == 0, done.stderr

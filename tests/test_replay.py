@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import run_cli
 from hvctl.video import read_video
@@ -18,6 +19,7 @@ def _frames(path):
     return read_video(path)[0]
 
 
+@pytest.mark.slow
 def test_replay_remakes_the_video_byte_for_byte(tiny_model, tmp_path):
     first = tmp_path / "first.mp4"
     done = run_cli("generate", PROMPT, "--model", tiny_model, "--steps", "3", "--frames", "9", "--height", "32",
@@ -60,6 +62,7 @@ generate(r, progress=False)
     assert hashlib.sha256(third.read_bytes()).digest() == hashlib.sha256(first.read_bytes()).digest()
 
 
+@pytest.mark.slow
 def test_replay_errors_are_one_line(tiny_model, tmp_path):
     junk = tmp_path / "junk.json"
     junk.write_text("{not json")

@@ -29,6 +29,7 @@ def test_master_mode_adds_the_style_fields_to_the_same_facts():
     assert "lighting" in master["rewritten"].lower()
 
 
+@pytest.mark.slow
 def test_an_unusable_rewrite_keeps_the_prompt_with_a_warning(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square moves up on a white background\n\nhello world\n", encoding="utf-8")
@@ -41,6 +42,7 @@ def test_an_unusable_rewrite_keeps_the_prompt_with_a_warning(tmp_path):
     assert "hello world" in done.stderr  # the warning, on stderr for people
 
 
+@pytest.mark.slow
 def test_rewrite_needs_exactly_one_source_of_prompts(tmp_path):
     done = run_cli("rewrite")
     assert done.returncode == 1 and "give a PROMPT or --file" in done.stderr
@@ -70,6 +72,7 @@ def test_rewrite_check_keeps_facts_and_allows_translation():
     assert check_rewrite("一只猫在草地上走", "A cat walks on the grass.", "normal") == "A cat walks on the grass."
 
 
+@pytest.mark.slow
 def test_generate_rewrites_the_prompt_first_and_records_both(tiny_model, tmp_path):
     out = tmp_path / "v.mp4"
     done = run_cli("generate", "一个红色的圆形在黑色背景上向左移动", "--model", tiny_model, "--steps", "2",

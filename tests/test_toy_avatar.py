@@ -324,6 +324,7 @@ def test_render_avatar_dataset_refuses_before_writing(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_cli_renders_an_avatar_dataset(tmp_path):
     done = run_cli("toy", "render", tmp_path / "out", "--avatar", "audio,pose", "--videos", "3", "--json")
     assert done.returncode == 0, done.stderr

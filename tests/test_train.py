@@ -39,6 +39,7 @@ def final_weights(run):
     return load_file(str(run / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_uninterrupted_weights(tiny_model, toy_cache, tmp_path):
     straight = tmp_path / "straight"
     result = run_cli("train", write_recipe(tmp_path / "a.yaml", tiny_model, toy_cache, straight), "--json")
@@ -64,6 +65,7 @@ def test_resume_reaches_the_uninterrupted_weights(tiny_model, toy_cache, tmp_pat
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_a_model_folder_diffusers_loads(tiny_model, toy_cache, tmp_path):
     from diffusers import HunyuanVideoPipeline
 
@@ -76,6 +78,7 @@ def test_a_checkpoint_is_a_model_folder_diffusers_loads(tiny_model, toy_cache, t
     assert gen.returncode == 0, gen.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_one_line(tiny_model, toy_cache, tmp_path):
     r = load_recipe(TrainRecipe, write_recipe(tmp_path / "d.yaml", tiny_model, toy_cache, tmp_path / "run"))
     trainer = Trainer(r, progress=False)
@@ -85,6 +88,7 @@ def test_nan_loss_stops_with_one_line(tiny_model, toy_cache, tmp_path):
         trainer.train()
 
 
+@pytest.mark.slow
 def test_train_recipe_errors(tiny_model, toy_cache, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: train\noptim:\n  lr: fast\n")
@@ -107,6 +111,7 @@ def single_process_run(tiny_model, toy_cache, tmp_path_factory):
     return root / "run"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [
     ["optim.grad_accumulation=1"],  # data parallel: rank r takes micro-batch r
     ["optim.grad_accumulation=1", "parallel.fsdp=2"],  # sharded: still one micro-batch per rank
@@ -133,6 +138,7 @@ def test_two_processes_reach_the_single_process_weights(settings, single_process
     assert all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(single, logged))
 
 
+@pytest.mark.slow
 def test_a_failing_rank_is_one_line(tiny_model, toy_cache, tmp_path):
     recipe = write_recipe(tmp_path / "f.yaml", tiny_model, toy_cache, tmp_path / "run")
     result = run_cli("train", recipe, "--nproc", "2", "--set", "data.batch_size=64")
@@ -153,6 +159,7 @@ def test_a_stage_trains_on_its_own_buckets_and_media(tiny_model, toy_cache, tmp_
             Trainer(load_recipe(TrainRecipe, recipe, ["data.media=[video]", wrong]), progress=False)
 
 
+@pytest.mark.slow
 def test_trainable_prefixes_freeze_the_rest(tiny_model, toy_cache, tmp_path):
     recipe = write_recipe(tmp_path / "t.yaml", tiny_model, toy_cache, tmp_path / "run")
     train(load_recipe(TrainRecipe, recipe, ["trainable=[proj_out, norm_out]", "steps=2", "ema_decay=0"]), progress=False)
@@ -207,6 +214,7 @@ def test_masked_text_padding_does_not_change_the_dit(tiny_model):
         assert (call(text, mask) - padded).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_vae_export_calibrates_the_latent_scale(tiny_model, tmp_path):
     """With calibrate_scaling_factor the exported VAE's latents, times its scaling factor, have unit std."""
     from hvctl.models.loading import ModelFolder, load_component
@@ -227,6 +235,7 @@ def test_vae_export_calibrates_the_latent_scale(tiny_model, tmp_path):
     assert 0.7 < float(means.std()) < 1.4
 
 
+@pytest.mark.slow
 def test_a_sharded_run_resumes_on_another_process_count(single_process_run, tiny_model, toy_cache, tmp_path):
     """Checkpoints hold each rank's shards (torch.distributed.checkpoint): 2 FSDP ranks stop at
     step 2, one process resumes, and the weights are those of the uninterrupted run."""
@@ -244,6 +253,7 @@ def test_a_sharded_run_resumes_on_another_process_count(single_process_run, tiny
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+@pytest.mark.slow
 def test_a_killed_rank_restarts_from_the_last_checkpoint(tiny_model, toy_cache, tmp_path):
     """kill -9 one of 2 FSDP ranks once the first checkpoint exists: with --max-restarts both are
     started again, resume from the last checkpoint, and end with the uninterrupted run's weights."""
@@ -279,6 +289,7 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint(tiny_model, toy_cache, 
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [["parallel.activation_checkpointing=1"],
                                       ["parallel.activation_checkpointing=2", "parallel.activation_offload=true"]],
                          ids=["checkpointing", "every-2nd+offload"])
@@ -302,3 +313,32 @@ def test_activation_checkpointing_wraps_the_chosen_blocks_in_place():
     wrapped = [getattr(b.forward, "func", None).__name__ for b in _blocks(model)]
     assert wrapped == ["checkpoint", "offloaded", "checkpoint", "offloaded"]
     assert list(model.state_dict()) == keys  # diffusers' keys: the export stays a diffusers folder
+
+
+def test_each_recipe_gets_its_variants_spec_and_modifiers_compose():
+    from hvctl.lora import LoraSettings
+    from hvctl.train.config import AvatarSettings
+    from hvctl.train.distill import DistillRecipe, DistillSpec
+    from hvctl.train.dit import DitSpec, I2vModifier, LoraModifier
+    from hvctl.train.specs import spec_for
+    from hvctl.train.vae import VaeSpec
+
+    assert type(spec_for(TrainRecipe())) is DitSpec and type(spec_for(TrainRecipe(target="vae"))) is VaeSpec
+    assert spec_for(TrainRecipe(avatar=AvatarSettings())).name == "avatar"
+    assert isinstance(spec_for(DistillRecipe(teacher="t")), DistillSpec)
+    # Modifiers wrap the base variant, LoRA outermost: i2v expands the loaded model before the adapters go on.
+    mro = type(spec_for(TrainRecipe(i2v="token_replace", lora=LoraSettings()))).__mro__
+    assert mro[:3] == (mro[0], LoraModifier, I2vModifier) and DitSpec in mro
+    for recipe, message in [(TrainRecipe(target="vae", lora=LoraSettings()), "lora: trains the DiT"),
+                            (TrainRecipe(lora=LoraSettings(), trainable=["x"]), "lora: trains the DiT"),
+                            (TrainRecipe(avatar=AvatarSettings(), lora=LoraSettings()), "avatar: trains"),
+                            (DistillRecipe(), "distill needs 'teacher'")]:
+        with pytest.raises(HvctlError, match=message):
+            spec_for(recipe).check(recipe)
+    # The loop names no variant: every difference is the spec's.
+    from pathlib import Path
+
+    import hvctl.train.trainer as trainer
+
+    source = Path(trainer.__file__).read_text()
+    assert not any(f"r.{key}" in source for key in ("lora", "avatar", "i2v", "teacher", "target", "reinit", "trainable"))

@@ -11,7 +11,7 @@ import av
 import numpy as np
 
 from hvctl.errors import HvctlError
-from hvctl.toy.world import ASPECT_BUCKETS, DURATION_BUCKETS
+from hvctl.data.formats import ASPECT_BUCKETS, DURATION_BUCKETS
 
 
 @dataclass

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hvctl.data.formats import is_frame_count
 from hvctl.errors import HvctlError
 from hvctl.io import write_text_atomic
 
@@ -60,7 +61,7 @@ class ManifestRecord:
             raise ValueError(f"kind must be image or video, got {kind!r}")
         if kind == "image" and frames != 1:
             raise ValueError(f"an image has 1 frame, got {frames}")
-        if kind == "video" and (frames < 5 or (frames - 1) % 4):
+        if kind == "video" and not is_frame_count(frames):
             raise ValueError(f"a video has 4k+1 frames (5, 9, 13, ...), got {frames}")
         if (fps is not None or kind == "video") and not (_is_number(fps) and 0 < fps < math.inf):
             raise ValueError(f"fps must be a positive number, got {fps!r}")
@@ -86,11 +87,19 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class BadManifestLine(HvctlError):
+    """A manifest line that is not a valid record: where it is ("{path}:{lineno}") and why."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
+
+
 def iter_manifest(path, on_error=None):
     """Yield the records of a manifest, in order.
 
-    A bad line raises HvctlError("{path}:{lineno}: {reason}"), or, given on_error, is passed to it
-    as that error and skipped. Blank lines are skipped. Ids must be unique.
+    A bad line raises BadManifestLine, or, given on_error, is passed to it and skipped. Blank lines
+    are skipped. Ids must be unique.
     """
     path = Path(path)
     if not path.is_file():
@@ -105,7 +114,7 @@ def iter_manifest(path, on_error=None):
                 if record.id in first_line:
                     raise ValueError(f"duplicate id {record.id!r} (first on line {first_line[record.id]})")
             except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                error = HvctlError(f"{path}:{lineno}: {e}")
+                error = BadManifestLine(f"{path}:{lineno}", str(e))
                 if on_error is None:
                     raise error from None
                 on_error(error)

@@ -8,9 +8,27 @@ from pathlib import Path
 
 from hvctl.errors import HvctlError
 
+
+def compose_from_flags(base: Path, out: Path, take: list[str], dtype: str | None, defaults: list[str], i2v: str | None) -> Path:
+    """`hvctl model compose`'s flags checked and read (--take COMPONENT=DIR, --default KEY=VALUE
+    with the value read as YAML: 4 is a number, true a boolean), then compose_model."""
+    import yaml
+
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise HvctlError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    pairs = {}
+    for flag, items in (("--take", take), ("--default", defaults)):
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise HvctlError(f"{flag} {item}: expected KEY=VALUE")
+            pairs.setdefault(flag, {})[key] = Path(value) if flag == "--take" else yaml.safe_load(value)
+    return compose_model(base, out, take=pairs.get("--take"), dtype=dtype, defaults=pairs.get("--default"), i2v=i2v)
+
+
 def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None, dtype: str | None = None,
                   defaults: dict | None = None, i2v: str | None = None) -> Path:
-    """i2v: make the DiT an image-to-video one of that design (hvctl/conditioning.py).
+    """i2v: make the DiT an image-to-video one of that design (hvctl/i2v.py).
 
     A LLaVA text encoder (`--take text_encoder=` an official I2V folder) makes the folder one that
     diffusers' HunyuanVideoImageToVideoPipeline loads: its tokenizer and image processor come
@@ -46,7 +64,7 @@ def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None,
         else:
             components[name] = load_component(source, name, dtype=torch.float32)  # applies to weighted parts only
     if i2v is not None:
-        from hvctl.conditioning import expand_for_i2v
+        from hvctl.i2v import expand_for_i2v
 
         components["transformer"] = expand_for_i2v(components["transformer"], i2v)
     generation = {k: v for k, v in folder.generation_defaults.items() if k != "guidance_embeds"}

@@ -103,7 +103,7 @@ def to_diffusers(src: Path, out: Path, *, base: Path, vae: Path | None = None, l
                  i2v: str | None = None, dtype: str | None = None) -> Path:
     """An official transformer (file, or a folder in the official or `--to official` layout) and VAE
     into a new diffusers model folder whose other components are copied from `base`."""
-    from hvctl.conditioning import CONDITION_TYPES
+    from hvctl.i2v import CONDITION_TYPES
     from hvctl.models.loading import ModelFolder, quiet_libraries
 
     src, out = Path(src), Path(out)

@@ -231,3 +231,29 @@ def cache_dir() -> Path:
     """Where hvctl keeps its own files: $HVCTL_HOME, else ~/.cache/hvctl."""
     root = os.environ.get("HVCTL_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hvctl"
     return Path(root)
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    """A recipe's device and dtype ("auto": CUDA in bfloat16 when there is one, else the CPU in
+    float32) as torch objects; a device this machine lacks is a one-line error."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise HvctlError(f"--device {device}: not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HvctlError(f"--device {device}: CUDA is not available on this machine")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+def prepare_model(model: Path | None) -> tuple[Path, dict]:
+    """The model folder to use (the embedded default when none is named) and its generation defaults."""
+    from hvctl.models.default import default_model_dir
+
+    model_dir = Path(model) if model else default_model_dir()
+    return model_dir, ModelFolder.open(model_dir).generation_defaults

@@ -48,6 +48,33 @@ class ToyEvalSettings:
     frames: int | None = None  # avatar: video length (longer than the model's window: blended windows)
     condition_guidance: dict = field(default_factory=dict)  # avatar: e.g. {"audio": 2.0}
 
+    def check(self) -> None:
+        """One line naming the `hvctl eval toy` flag at fault, before any model loads."""
+        from hvctl.data.formats import is_frame_count
+        from hvctl.generate import GenerateRecipe
+        from hvctl.recipe import SEED_RANGE, check_number
+        from hvctl.toy.world import avatar_modes
+
+        for name, value in (("prompts", self.prompts), ("batch-size", self.batch_size)):
+            if value < 1:
+                raise HvctlError(f"--{name} must be at least 1, got {value}")
+        check_number("--seed", self.seed, SEED_RANGE)
+        check_number("--audio-guidance", self.condition_guidance.get("audio", 1.0), ">= 1")
+        for name in ("guidance_scale", "embedded_guidance", "flow_shift"):
+            check_number("--" + name.replace("_", "-"), getattr(self, name), GenerateRecipe.LIMITS[name])
+        if sum(map(bool, (self.i2v, self.rewrite, self.avatar, self.vae_only))) > 1:
+            raise HvctlError("--i2v, --rewrite, --avatar and --vae-only: choose one")
+        if self.manifest is not None and (self.i2v or self.avatar):
+            raise HvctlError("--manifest gives text-to-video prompts: not with --i2v or --avatar")
+        if self.vae_only and self.vae_videos < 1:
+            raise HvctlError("--vae-only needs --vae-videos of at least 1")
+        for spec in self.avatar:
+            avatar_modes(spec)
+        if self.frames is not None and not is_frame_count(self.frames):
+            raise HvctlError(f"--frames must be 4k+1 and at least 5, got {self.frames}")
+        if self.vae_videos < 0 or any(n < 1 for n in self.steps):
+            raise HvctlError("--vae-videos must be >= 0 and --steps >= 1")
+
 
 def prompt_set(n: int, seed: int):
     """The toy samples whose captions are the prompts; their attributes are the right answers."""
@@ -114,6 +141,7 @@ def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
     from hvctl.generate import GenerateRecipe
     from hvctl.io import check_output_dir
 
+    s.check()
     if s.out is not None:
         check_output_dir(s.out, "--out")
 
@@ -148,7 +176,8 @@ def evaluate_toy(s: ToyEvalSettings, *, progress: bool | None = None) -> dict:
 
 def _vae_ceiling_only(s: ToyEvalSettings, base) -> dict:
     """The VAE's ceiling at the model's default size, without loading the DiT or text encoders."""
-    from hvctl.generate import prepare, resolve_device_dtype
+    from hvctl.generate import prepare
+    from hvctl.models.loading import resolve_device_dtype
     from hvctl.models.loading import folder_fingerprint, load_components
 
     r, model_dir = prepare(base)
@@ -174,7 +203,8 @@ def _with_first_frames(s: ToyEvalSettings, samples, base, progress) -> dict:
 
 
 def _generate_and_score(s: ToyEvalSettings, samples, base, prompt_forms, result, progress) -> dict:
-    from hvctl.generate import TextToVideo, prepare, resolve_device_dtype
+    from hvctl.generate import TextToVideo, prepare
+    from hvctl.models.loading import resolve_device_dtype
     from hvctl.io import write_json_atomic
     from hvctl.models.loading import folder_fingerprint
     from hvctl.progress import progress_bar
@@ -247,7 +277,8 @@ def evaluate_avatar(s: ToyEvalSettings, progress) -> dict:
     import torch
 
     from hvctl.avatar import AvatarGenerator, AvatarRecipe, batch_inputs, read_avatar_config, windows
-    from hvctl.generate import prepare_model, resolve, resolve_device_dtype
+    from hvctl.generate import resolve
+    from hvctl.models.loading import prepare_model, resolve_device_dtype
     from hvctl.io import write_json_atomic
     from hvctl.models.default import default_avatar_model_dir
     from hvctl.models.loading import folder_fingerprint
@@ -319,4 +350,52 @@ def avatar_table(scores: list[dict]) -> dict:
             entry[figure] = float(np.mean(values)) if values else None
             entry[f"{figure}_n"] = len(values)
         table[group] = entry
+    return table
+
+
+def print_report(result: dict) -> None:
+    """evaluate_toy's result as tables on the terminal: accuracy per step count and group (the
+    VAE's ceiling last), frame 0's PSNR for i2v, the VAE's reconstruction; or the avatar figures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if result.get("avatar"):
+        console.print(_avatar_report_table(result))
+        return
+    table = Table(title=f"toy eval: {result['model']['path']}")
+    for column in ("steps", "prompts", "compositions", "videos", "strict", *ATTRIBUTES):
+        table.add_column(column, justify="right")
+    rows = [(str(run["steps"]), run["prompts"], run["accuracy"]) for run in result["runs"]]
+    if "vae" in result:  # the true videos through the VAE: the ceiling
+        rows.append(("-", "VAE ceiling", result["vae"]["accuracy"]))
+    for steps, prompts, accuracy in rows:
+        for group, acc in accuracy.items():
+            table.add_row(steps, prompts, group.replace("_", "-"), str(acc["n"]),
+                          *(f"{100 * acc[k]:.1f}%" for k in ("strict", *ATTRIBUTES)))
+    console.print(table)
+    for run in result["runs"]:
+        if "frame0_psnr" in run:
+            console.print(f"{run['steps']} steps: frame 0 against the condition image: {run['frame0_psnr']:.2f} dB mean PSNR "
+                          f"(min {run['frame0_psnr_min']:.2f})")
+    if "vae" in result:
+        v = result["vae"]
+        console.print(f"VAE reconstruction: {v['psnr']:.2f} dB mean PSNR (min {v['psnr_min']:.2f}) over {v['videos']} eval videos")
+
+
+def _avatar_report_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title=f"toy avatar eval: {result['model']['path']}")
+    # size r: correlation of the audio envelope with the object's size; pose and rotation: mean errors
+    for column in ("modes", "frames", "group", "n", "size r", "pose px", "rot deg", "colour", "shape", "bg"):
+        table.add_column(column, justify="right")
+    number = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
+    for run in result["runs"]:
+        modes = run["modes"].replace(",", "+").replace("expression", "expr")
+        for label, rows in (("", run["scores"]), (" (VAE ceiling)", run["vae_ceiling"])):
+            for group, row in rows.items():
+                table.add_row(modes + label, str(run["frames"]), group.replace("_", "-"), str(row["n"]),
+                              number(row["size_correlation"]), number(row["pose_error_px"]), number(row["rotation_error_deg"]),
+                              *(f"{100 * row[k]:.1f}%" for k in ("color_kept", "shape_kept", "background_kept")))
     return table

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hvctl.data.formats import ASPECT_BUCKETS, AUDIO_RATE, DURATION_BUCKETS, is_frame_count
 from hvctl.errors import HvctlError
 
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
@@ -24,8 +25,6 @@ OBJECT_COLORS = {
 SHAPES = ("circle", "square", "triangle")
 MOTIONS = ("left", "right", "up", "down", "still")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
-ASPECT_BUCKETS = [(64, 64), (64, 96), (96, 64)]  # (height, width)
-DURATION_BUCKETS = [9, 17, 33]
 FPS = 8
 SPLITS = ("train", "eval")
 KINDS = ("video", "image")
@@ -189,7 +188,7 @@ def sample_spec(seed, index, split, kind="video", size=None, frames=None):
         frames = 1
     elif frames is None:
         frames = _pick(DURATION_BUCKETS, u[4])
-    elif frames < 5 or (frames - 1) % 4:
+    elif not is_frame_count(frames):
         raise HvctlError(f"toy video with {frames} frames: a video has 4k+1 frames, k >= 1")
 
     scale = min(height, width) / BASE_SIDE
@@ -431,7 +430,6 @@ def _motion(dx, dy, still_under):
 # --- the avatar world (toy-world.md, "Avatar") ---
 
 AVATAR_MODES = ("audio", "pose", "expression")
-AUDIO_RATE = 16000  # Hz, mono
 TONE_HZ = 440.0
 # The subsets that "hybrid" draws from: every non-empty one, each in AVATAR_MODES order.
 HYBRID_SUBSETS = tuple(
@@ -601,7 +599,7 @@ def avatar_spec(seed, index, split, modes, size=(64, 64), frames=17):
     if len(size) != 2 or min(size) <= 0 or size[0] % 16 or size[1] % 16:
         raise HvctlError(f"toy size {'x'.join(map(str, size))}: expected HxW, positive multiples of 16")
     height, width = size
-    if frames < 5 or (frames - 1) % 4:
+    if not is_frame_count(frames):
         raise HvctlError(f"toy avatar video with {frames} frames: a video has 4k+1 frames, k >= 1")
     modes = avatar_modes(modes)
     # The same uniforms are drawn in the same order whatever the modes, size and length, so these

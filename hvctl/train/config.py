@@ -1,4 +1,5 @@
-"""The training recipe (`kind: train`): one schema for DiT and VAE runs. Imports no torch."""
+"""The training recipe (`kind: train`): one schema for DiT and VAE runs, which variants
+(hvctl/train/specs.py) extend. Imports no torch."""
 
 from __future__ import annotations
 
@@ -132,6 +133,8 @@ class ValidationConfig:
 @dataclass
 class TrainRecipe:
     KIND: ClassVar[str] = "train"
+    # The training variant (hvctl/train/specs.py) of a recipe kind of its own; None: read from the keys.
+    VARIANT: ClassVar[str | None] = None
     LIMITS: ClassVar[dict] = {"steps": ">= 1", "seed": "[0, 9223372036854775807]", "ema_decay": "[0, 1)", "nproc": ">= 1",
                               "max_restarts": ">= 0", "log_every": ">= 1"}
     target: Literal["dit", "vae"] = "dit"
@@ -141,7 +144,7 @@ class TrainRecipe:
     init_overrides: dict[str, dict] | None = None  # with init_preset: {vae: {latent_channels: 8}, transformer: {...}}
     trainable: list[str] | None = None  # parameter-name prefixes to train (e.g. [decoder]); None: all
     lora: LoraSettings | None = None  # DiT only: train LoRA adapters instead (hvctl/lora.py); None: full weights
-    # Make a text-to-video DiT image-to-video before training (hvctl/conditioning.py); a model that
+    # Make a text-to-video DiT image-to-video before training (hvctl/i2v.py); a model that
     # already is one is trained as it is.
     i2v: Literal["latent_concat", "token_replace"] | None = None
     avatar: AvatarSettings | None = None  # DiT only: audio-, pose- and expression-driven animation of a reference
@@ -156,6 +159,9 @@ class TrainRecipe:
     precision: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype of the forward pass
     ema_decay: float = 0.0  # 0: no EMA; else exported weights are the EMA's
     device: str = "auto"
+    # The DiT's attention kernel (as `hvctl generate --attention`), under Ulysses and ring too:
+    # auto, sdpa, flash, flash3, native (sage has no backward pass).
+    attention: Literal["auto", "sdpa", "flash", "flash3", "sage", "native"] = "auto"
     nproc: int = 1  # processes per node; > 1 launches torchrun
     max_restarts: int = 0  # restart failed processes this many times; each restart resumes from the last checkpoint
     log_every: int = 10
@@ -169,38 +175,6 @@ class TrainRecipe:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
-@dataclass
-class DistillRecipe(TrainRecipe):
-    """`hvctl distill`: classifier-free-guidance distillation (mode cfg) or step distillation (mode
-    steps). The student is the teacher's DiT (plus a guidance embedding), starting from the
-    teacher's weights; mode cfg teaches it the guided velocity in one pass, mode steps the teacher's
-    trajectory in student_steps steps. Every other key is the trainer's (checkpoints, resume, parallel, lora)."""
-
-    KIND: ClassVar[str] = "distill"
-    LIMITS: ClassVar[dict] = {**TrainRecipe.LIMITS, "guidance_range": ">= 1", "student_guidance": ">= 0", "student_steps": ">= 1",
-                              "student_shift": "> 0", "teacher_steps": ">= 2", "teacher_shift": "> 0",
-                              "teacher_solver_steps": ">= 1", "phase_start_share": "[0, 1]"}
-    teacher: Path | None = None  # a model folder whose DiT has no guidance embedding
-    guidance_range: tuple[float, float] = (1.0, 8.0)  # the scale w, drawn uniformly per sample
-    guidance_embedder_init: Literal["zero", "random"] = "zero"  # zero: the student starts as the teacher's conditional pass
-    # The embedded guidance the student's folder defaults to; None: the teacher's scale (6 when it is 1).
-    # A tiny student may need more than the teacher's scale for the same look (README: distill).
-    student_guidance: float | None = None
-    # mode steps: step distillation (hvctl/train/distill_steps.py, phased consistency distillation):
-    # a student sampled in student_steps Euler steps learns where the teacher's own schedule
-    # (teacher_steps, teacher_shift; None: the teacher folder's) takes each phase.
-    mode: Literal["cfg", "steps"] = "cfg"
-    student_steps: int = 4
-    student_shift: float | None = None  # None: the shift hvctl generate uses for student_steps (17/7 of the model's under 20)
-    teacher_steps: int | None = None
-    teacher_shift: float | None = None
-    # Also distil CFG: the student embeds the guidance scale (drawn from guidance_range) and runs one
-    # pass a step; false keeps true CFG (two passes), the student learning the teacher's unguided flow.
-    embed_guidance: bool = True
-    teacher_solver_steps: int | None = None  # teacher steps per target, then the student's own jump; None: to the phase edge
-    phase_start_share: float = 0.5  # share of samples at a phase's start, the sigma the student samples at
-
-
 def check_paths(r: TrainRecipe) -> None:
     """Check every path a resolved train/distill recipe names, before any process starts: a bad
     recipe is then one line from the launcher, not one from each of N ranks."""
@@ -208,14 +182,16 @@ def check_paths(r: TrainRecipe) -> None:
     from hvctl.io import check_output_dir
     from hvctl.models.loading import ModelFolder
     from hvctl.models.presets import get_preset
+    from hvctl.train.specs import spec_for
 
     if r.out is None:
         raise HvctlError("train needs an output folder ('out' in the recipe or --out)")
     check_output_dir(r.out, "out:")
-    if r.KIND == "distill":
-        if r.teacher is None:
-            raise HvctlError("distill needs 'teacher' (a model folder) and target: dit")
-        ModelFolder.open(r.teacher)
+    spec = spec_for(r)
+    spec.check(r)
+    start = getattr(r, spec.model_key)
+    if spec.model_key != "model":  # the variant starts from a folder of its own (distill: the teacher)
+        ModelFolder.open(start)
     elif r.model is not None:
         folder = ModelFolder.open(r.model)
         if not folder.has_weights and not r.reinit:
@@ -238,3 +214,39 @@ def check_paths(r: TrainRecipe) -> None:
     if r.avatar is not None and r.avatar.audio_encoder_options.get("path") is not None:
         if not Path(r.avatar.audio_encoder_options["path"]).exists():
             raise HvctlError(f"avatar.audio_encoder_options.path: {r.avatar.audio_encoder_options['path']} not found")
+    if r.target == "dit":
+        check_parallel(r)
+
+
+def check_parallel(r: TrainRecipe) -> None:
+    """The attention kernel exists here and trains; with sequence parallelism, every bucket this
+    stage may train on splits its video tokens evenly over the ulysses x ring ranks."""
+    from hvctl.accelerate import training_attention_backend
+    from hvctl.data.buckets import BucketConfig
+    from hvctl.models.loading import resolve_device_dtype
+    from hvctl.models.loading import ModelFolder
+    from hvctl.models.presets import get_preset, with_overrides
+    from hvctl.parallel import check_sequence_split
+
+    training_attention_backend(r.attention, resolve_device_dtype(r.device, "float32")[0])
+    p, d = r.parallel, r.data
+    if p.ulysses * p.ring == 1:
+        return
+    source = r.teacher if r.KIND == "distill" else r.model
+    if source is not None:
+        folder = ModelFolder.open(source)
+        dit, vae = folder.component_config("transformer"), folder.component_config("vae")
+    else:
+        preset = with_overrides(get_preset(r.init_preset), r.init_overrides)
+        dit, vae = preset.transformer, preset.vae
+    stage = BucketConfig(aspect_buckets=d.aspect_buckets, frame_buckets=d.frame_buckets)
+    if d.cache is not None and Path(d.cache).is_dir():  # the buckets the cache holds
+        from hvctl.cache import latest_by_id, load_entries
+
+        buckets = {e.bucket for e in latest_by_id(load_entries(Path(d.cache))).values()}
+    else:  # the buckets encoding here can make
+        defaults = BucketConfig()
+        buckets = {(h, w, n) for h, w in stage.aspect_buckets or defaults.aspect_buckets
+                   for n in [1, *(stage.frame_buckets or defaults.frame_buckets)]}
+    sizes = sorted((n, h, w) for h, w, n in buckets if stage.admits((h, w, n), d.media))
+    check_sequence_split(sizes, dit, vae, p.ulysses, p.ring, f"parallel.ulysses {p.ulysses}, ring {p.ring}")

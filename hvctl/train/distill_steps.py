@@ -17,12 +17,17 @@ scale of the flow-matching loss whatever the phase length.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 from hvctl.errors import HvctlError
-from hvctl.flow import add_noise, sampling_sigmas, timestep_from_sigma
+from hvctl.flow import add_noise, guided, sampling_sigmas, transformer_velocity
+from hvctl.train.distill import DistillSpec
 from hvctl.train.objectives import FlowMatchingObjective
+from hvctl.train.specs import chain, register
 
 
 def solver_grid(edges: torch.Tensor, teacher_sigmas: torch.Tensor) -> torch.Tensor:
@@ -32,17 +37,13 @@ def solver_grid(edges: torch.Tensor, teacher_sigmas: torch.Tensor) -> torch.Tens
 
 
 def velocity(model, latents: torch.Tensor, sigma: torch.Tensor, text, guidance: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's velocity at noisy `latents` and per-sample `sigma`; guidance: per-sample scales
-    for a guidance-embedded model (x1000, as the official embedder takes them)."""
+    """The model's velocity at noisy `latents` and per-sample `sigma` (float32); guidance: per-sample
+    scales for a guidance-embedded model."""
     device = next(model.parameters()).device
     states, mask, pooled = text
     longest = max(int(mask.sum(dim=1).max()), 1)  # padding is masked out: compute the longest text only
-    return model(
-        hidden_states=latents.to(device), timestep=timestep_from_sigma(sigma).to(device),
-        encoder_hidden_states=states[:, :longest].to(device), encoder_attention_mask=mask[:, :longest].to(device),
-        pooled_projections=pooled.to(device),
-        guidance=None if guidance is None else (guidance * 1000.0).to(device), return_dict=False,
-    )[0].float()
+    return transformer_velocity(model, latents.to(device), sigma, states[:, :longest].to(device),
+                                mask[:, :longest].to(device), pooled.to(device), guidance).float()
 
 
 class StepDistillationObjective(FlowMatchingObjective):
@@ -96,7 +97,7 @@ class StepDistillationObjective(FlowMatchingObjective):
         e = self.empty_text
         empty = (e["text_states"].float().expand(n, -1, -1), e["text_mask"].expand(n, -1), e["pooled"].float().expand(n, -1))
         unconditional = velocity(self.teacher, latents, sigma, empty)
-        return unconditional + scale.view(n, 1, 1, 1, 1).to(conditional.device) * (conditional - unconditional)
+        return guided(conditional, unconditional, scale.view(n, 1, 1, 1, 1).to(conditional.device))
 
     def __call__(self, model, batch: dict, generator: torch.Generator, *, step: int = 0, stratum=None):
         b = self.noised(batch, generator)
@@ -152,9 +153,6 @@ def student_schedule(student_steps: int, student_shift: float | None, teacher_de
 def record_student_defaults(model_dir, steps: int, shift: float, teacher_steps: int) -> None:
     """The student folder's generation defaults (hvctl.json): its step count and the flow shift it
     was distilled for, so `hvctl generate` and `hvctl eval toy` sample it right with no flags."""
-    import json
-    from pathlib import Path
-
     from hvctl.io import write_json_atomic
 
     info_file = Path(model_dir) / "hvctl.json"
@@ -163,3 +161,35 @@ def record_student_defaults(model_dir, steps: int, shift: float, teacher_steps: 
     generation.update({"steps": steps, "flow_shift": shift, "shift_for_steps": steps})
     info["distilled"] = {"method": "phased_consistency", "steps": steps, "teacher_steps": teacher_steps}
     write_json_atomic(info_file, info)
+
+
+@register("step_distill")
+class StepDistillSpec(DistillSpec):
+    """`hvctl distill --mode steps`: the student (the teacher's DiT, with a guidance embedding
+    unless embed_guidance is false and the teacher has none) learns the teacher's trajectory in
+    student_steps steps; its folder records that step count and shift for `hvctl generate`."""
+
+    def check_teacher(self, folder, teacher) -> None:  # a guidance-embedded teacher is fine here
+        if teacher.config.image_condition_type is not None:
+            raise HvctlError("distill mode steps: image-to-video students are not supported yet (a text-to-video teacher only)")
+
+    def student_embeds_guidance(self, t, teacher) -> bool:
+        return bool(teacher.config.guidance_embeds or t.r.embed_guidance)
+
+    def objective(self, t, dataset):
+        from hvctl.models.loading import ModelFolder
+
+        r = t.r
+        edges, teacher_sigmas, self.student_shift, self.teacher_steps = student_schedule(
+            r.student_steps, r.student_shift, ModelFolder.open(t.base_model).generation_defaults, r.teacher_steps,
+            r.teacher_shift)
+        guidance_range = tuple(r.guidance_range) if t.model.config.guidance_embeds else None
+        return StepDistillationObjective(r.flow, dataset.empty_text(), self.sequence_parallel_teacher(t), edges=edges,
+                                         teacher_sigmas=teacher_sigmas, guidance_range=guidance_range,
+                                         teacher_solver_steps=r.teacher_solver_steps,
+                                         phase_start_share=r.phase_start_share, empty_prompt_rate=r.data.empty_prompt_rate)
+
+    def exported(self, t, state):
+        module, write = super().exported(t, state)
+        steps, shift, teacher_steps = t.r.student_steps, self.student_shift, self.teacher_steps
+        return module, chain(write, lambda folder: record_student_defaults(folder / "model", steps, shift, teacher_steps))

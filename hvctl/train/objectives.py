@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvctl.conditioning import training_condition
+from hvctl.i2v import training_condition
 from hvctl.errors import HvctlError
-from hvctl.flow import add_noise, loss_weights, sample_training_sigmas, timestep_from_sigma, velocity_target
+from hvctl.flow import add_noise, loss_weights, sample_training_sigmas, transformer_velocity, velocity_target
 
 
 class FlowMatchingObjective:
@@ -59,7 +59,7 @@ class FlowMatchingObjective:
     @staticmethod
     def predict(model, x0, noise, sigma, text, guidance=None, image=None, avatar=None):
         """The model's velocity for x0 noised to sigma; guidance: per-sample scales for an embedding;
-        image: an image-to-video model's condition (hvctl/conditioning.py); avatar: the
+        image: an image-to-video model's condition (hvctl/i2v.py); avatar: the
         conditioners' inputs (hvctl/avatar.py)."""
         from hvctl.avatar import conditions_context
 
@@ -71,12 +71,9 @@ class FlowMatchingObjective:
         noisy = add_noise(x0, noise, sigma)
         avatar = None if avatar is None else {k: v.to(device) for k, v in avatar.items()}
         with conditions_context(model, avatar):
-            return model(
-                hidden_states=(noisy if image is None else image.model_input(noisy)).to(device), timestep=timestep_from_sigma(sigma).to(device),
-                encoder_hidden_states=states[:, :longest].to(device), encoder_attention_mask=mask[:, :longest].to(device),
-                pooled_projections=pooled.to(device),
-                guidance=None if guidance is None else (guidance * 1000.0).to(device), return_dict=False,
-            )[0].float()
+            return transformer_velocity(model, (noisy if image is None else image.model_input(noisy)).to(device), sigma,
+                                        states[:, :longest].to(device), mask[:, :longest].to(device), pooled.to(device),
+                                        guidance).float()
 
     def __call__(self, model, batch: dict, generator: torch.Generator, *, step: int = 0, stratum=None):
         """stratum (j, n): this is micro-batch j of the n that make one optimizer step."""
@@ -105,32 +102,6 @@ class FlowMatchingObjective:
             empty = masked.sum(dim=(1, 2, 3, 4)) == 0
             weight = torch.where(empty.view(-1, 1, 1, 1, 1), weight, masked)
         return (squared * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4))
-
-
-class GuidanceDistillationObjective(FlowMatchingObjective):
-    """CFG distillation: the student, in one pass with the guidance scale embedded, regresses the
-    teacher's classifier-free-guided velocity v_u + w (v_c - v_u), w drawn per sample."""
-
-    def __init__(self, flow, empty_text: dict | None, teacher, guidance_range: tuple[float, float]):
-        if empty_text is None:
-            raise HvctlError("distillation needs the empty prompt's text states in the cache (re-run hvctl encode)")
-        super().__init__(flow, empty_text, 0.0)
-        self.teacher, self.guidance_range = teacher, guidance_range
-
-    def __call__(self, model, batch: dict, generator: torch.Generator, *, step: int = 0, stratum=None):
-        b = self.noised(batch, generator, stratum)
-        n = b["x0"].shape[0]
-        low, high = self.guidance_range
-        scale = low + (high - low) * torch.rand(n, generator=generator)
-        e = self.empty_text
-        empty = (e["text_states"].float().expand(n, -1, -1), e["text_mask"].expand(n, -1), e["pooled"].float().expand(n, -1))
-        with torch.no_grad():
-            conditional = self.predict(self.teacher, b["x0"], b["noise"], b["sigma"], b["text"])
-            unconditional = self.predict(self.teacher, b["x0"], b["noise"], b["sigma"], empty)
-            target = unconditional + scale.view(n, 1, 1, 1, 1).to(conditional.device) * (conditional - unconditional)
-        prediction = self.predict(model, b["x0"], b["noise"], b["sigma"], b["text"], scale)
-        loss = self.per_sample_loss(batch, F.mse_loss(prediction, target, reduction="none")).mean()
-        return loss, {"loss": loss.item(), "guidance_mean": scale.mean().item()}
 
 
 class PatchDiscriminator3D(nn.Module):

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hvctl.data.formats import AUDIO_RATE
 from hvctl.errors import HvctlError
-
-SAMPLE_RATE = 16000
 
 
 def pool_to_frames(features: torch.Tensor, feature_rate: float, fps: float, frames: int) -> torch.Tensor:
@@ -31,7 +30,7 @@ def pool_to_frames(features: torch.Tensor, feature_rate: float, fps: float, fram
 
 def _fit_length(samples: np.ndarray, fps: float, frames: int) -> np.ndarray:
     """The waveform covering `frames` video frames: cut, or padded with silence."""
-    n = int(round(frames / fps * SAMPLE_RATE))
+    n = int(round(frames / fps * AUDIO_RATE))
     samples = np.asarray(samples, dtype=np.float32)[:n]
     return np.pad(samples, (0, n - samples.size))
 
@@ -47,7 +46,7 @@ class LogMelEncoder:
         self.feature_dim = n_mels
         self.filters = torch.from_numpy(mel_filter_bank(
             num_frequency_bins=self.n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
-            max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")).float()
+            max_frequency=AUDIO_RATE / 2, sampling_rate=AUDIO_RATE, norm="slaney", mel_scale="slaney")).float()
         self.identity = f"logmel/{n_mels}"
 
     def to(self, device):
@@ -59,7 +58,7 @@ class LogMelEncoder:
         power = stft[..., :-1].abs() ** 2  # (freq, time)
         mel = (self.filters.T @ power).clamp_min(1e-10).log10()
         mel = torch.maximum(mel, mel.max() - 8.0)
-        return pool_to_frames(((mel + 4.0) / 4.0).T, SAMPLE_RATE / self.hop, fps, frames)
+        return pool_to_frames(((mel + 4.0) / 4.0).T, AUDIO_RATE / self.hop, fps, frames)
 
 
 class WhisperEncoder:
@@ -88,12 +87,12 @@ class WhisperEncoder:
     def __call__(self, samples: np.ndarray, fps: float, frames: int) -> torch.Tensor:
         audio = _fit_length(samples, fps, frames)
         window = self.extractor.n_samples
-        rate = self.extractor.nb_max_frames / 2 / (window / SAMPLE_RATE)  # encoder frames per second
+        rate = self.extractor.nb_max_frames / 2 / (window / AUDIO_RATE)  # encoder frames per second
         device = next(self.encoder.parameters()).device
         parts = []
         for start in range(0, audio.size, window):
             chunk = audio[start:start + window]
-            mel = self.extractor(chunk, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length").input_features
+            mel = self.extractor(chunk, sampling_rate=AUDIO_RATE, return_tensors="pt", padding="max_length").input_features
             states = self.encoder(mel.to(device, self.encoder.dtype), output_hidden_states=True).hidden_states[self.layer][0]
-            parts.append(states[:int(np.ceil(chunk.size / SAMPLE_RATE * rate))].float().cpu())
+            parts.append(states[:int(np.ceil(chunk.size / AUDIO_RATE * rate))].float().cpu())
         return pool_to_frames(torch.cat(parts), rate, fps, frames)

@@ -20,7 +20,7 @@ def load(path: Path, auto_model: str, processor_class: str, device: str):
     """(model, processor) from a local folder, in eval mode on `device`; a clear error otherwise."""
     import transformers
 
-    from hvctl.generate import resolve_device_dtype
+    from hvctl.models.loading import resolve_device_dtype
 
     transformers.utils.logging.disable_progress_bar()  # a bar per load is noise in a stage's output
     torch_device, dtype = resolve_device_dtype(device, "auto")

@@ -21,6 +21,7 @@ def inputs(batch: int, seed: int):
     text_len = 12
     mask = torch.ones(batch, text_len, dtype=torch.bool)
     mask[:, 7:] = False  # padded text must stay masked
+    mask[1:, 4:] = False  # and its length may differ from sample to sample
     return dict(
         hidden_states=torch.randn(batch, 16, 3, 8, 8, generator=g),
         timestep=torch.tensor([300.0, 700.0][:batch]),

@@ -69,7 +69,9 @@ class ImageCondition:
     def initial(self, noise: torch.Tensor, stability: bool) -> torch.Tensor:
         latents = noise
         if stability:
-            latents = STABILITY_NOISE * noise + (1 - STABILITY_NOISE) * self.image_latent.to(noise)
+            from hvctl.flow import add_noise
+
+            latents = add_noise(self.image_latent.to(noise), noise, STABILITY_NOISE)
         return self.after_step(latents)
 
     def model_input(self, latents: torch.Tensor) -> torch.Tensor:
