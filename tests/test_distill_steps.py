@@ -237,3 +237,19 @@ def test_the_13b_recipe_is_a_six_step_student_of_the_official_schedule():
                                                                    r.teacher_steps, r.teacher_shift)
     assert len(edges) == 7 and len(teacher_sigmas) == 51 and shift == 17.0 and teacher_steps == 50
     assert torch.allclose(edges, sampling_sigmas(6, 17.0)) and torch.allclose(teacher_sigmas, sampling_sigmas(50, 7.0))
+
+
+def test_mode_steps_picks_the_step_distill_spec_and_lora_composes():
+    from hvctl.lora import LoraSettings
+    from hvctl.train.distill import DistillRecipe, DistillSpec
+    from hvctl.train.distill_steps import StepDistillSpec
+    from hvctl.train.dit import LoraModifier
+    from hvctl.train.specs import spec_for
+
+    assert type(spec_for(DistillRecipe(teacher="t"))) is DistillSpec
+    assert type(spec_for(DistillRecipe(teacher="t", mode="steps"))) is StepDistillSpec
+    mro = type(spec_for(DistillRecipe(teacher="t", mode="steps", lora=LoraSettings()))).__mro__
+    assert mro[1] is LoraModifier and StepDistillSpec in mro
+    with pytest.raises(HvctlError, match="i2v does not apply"):
+        r = DistillRecipe(teacher="t", mode="steps", i2v="token_replace")
+        spec_for(r).check(r)
