@@ -365,7 +365,7 @@ def _training_command(kind: str, doc: str):
                                            "few-step student (student_steps); the recipe's 'mode'."),
     ):
         _train_command(kind, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
-                       overrides, as_json, mode)
+                       overrides, as_json, mode if kind == "distill" else None)  # train's is the hidden option's default
 
     command.__doc__ = doc
     if kind != "distill":  # --mode is distill's alone
