@@ -160,6 +160,7 @@ def exported(run):
     return load_file(str(run / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_a_resumed_step_distillation_reaches_the_uninterrupted_weights(tiny_model, cache, tmp_path):
     from hvctl.recipe import load_recipe
     from hvctl.train.distill import DistillRecipe
@@ -176,6 +177,7 @@ def test_a_resumed_step_distillation_reaches_the_uninterrupted_weights(tiny_mode
     assert not torch.equal(a["time_text_embed.guidance_embedder.linear_2.weight"], torch.zeros_like(a["time_text_embed.guidance_embedder.linear_2.weight"]))
 
 
+@pytest.mark.slow
 def test_distill_mode_steps_writes_a_student_generate_runs_at_its_step_count(tiny_model, cache, tmp_path):
     import json
 
@@ -199,6 +201,7 @@ def test_distill_mode_steps_writes_a_student_generate_runs_at_its_step_count(tin
     assert settings["steps"] == 2 and settings["flow_shift"] == g["flow_shift"] == 3.0 and settings["embedded_guidance"] == 3.5
 
 
+@pytest.mark.slow
 def test_a_lora_student_without_embedded_guidance_keeps_true_cfg(tiny_model, cache, tmp_path):
     import json
 
