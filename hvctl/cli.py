@@ -324,13 +324,14 @@ def curate(
 
 
 def _train_command(kind: str, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
-                   overrides, as_json) -> None:
+                   overrides, as_json, mode=None) -> None:
     from hvctl.parallel import relaunch, under_torchrun
     from hvctl.recipe import load_recipe, schema_for_kind
     from hvctl.train import config as train_config
 
     config = load_recipe(schema_for_kind(kind), recipe, overrides or (),
-                         values=dict(out=out, steps=steps, device=device, nproc=nproc, max_restarts=max_restarts))
+                         values=dict(out=out, steps=steps, device=device, nproc=nproc, max_restarts=max_restarts,
+                                     **({"mode": mode} if mode is not None else {})))
     if config.nproc < 1 or nnodes < 1:
         raise HvctlError(f"--nproc {config.nproc}, --nnodes {nnodes}: both must be at least 1")
     if not under_torchrun():  # the launcher checks once, before any rank starts
@@ -360,19 +361,26 @@ def _training_command(kind: str, doc: str):
                                                    help="Restart failed processes this many times, from the last checkpoint."),
         overrides: Optional[list[str]] = SET_OPTION,
         as_json: bool = JSON_OPTION,
+        mode: Optional[str] = typer.Option(None, "--mode", help="cfg: one pass per step (guidance embedded); steps: a "
+                                           "few-step student (student_steps); the recipe's 'mode'."),
     ):
         _train_command(kind, recipe, out, steps, device, nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts,
-                       overrides, as_json)
+                       overrides, as_json, mode if kind == "distill" else None)  # train's is the hidden option's default
 
     command.__doc__ = doc
+    if kind != "distill":  # --mode is distill's alone
+        import inspect
+
+        signature = inspect.signature(command)
+        command.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "mode"])
     return command
 
 
 app.command("train")(_training_command(
     "train", "Train the DiT (flow matching) or the VAE; resumes exactly from the run folder's last checkpoint."))
 app.command("distill")(_training_command(
-    "distill", "Distil classifier-free guidance into a guidance-embedded student (one pass per step); "
-    "trains like `train`."))
+    "distill", "Distil classifier-free guidance into a guidance-embedded student (one pass per step), "
+    "or with --mode steps the teacher's sampling into a few-step student; trains like `train`."))
 
 
 @app.command()

@@ -106,7 +106,9 @@ def resolve(recipe: GenerateRecipe, defaults: dict, prompt_required: bool = True
         r.embedded_guidance = 6.0
     if not guidance_embeds and recipe.embedded_guidance is not None:
         raise HvctlError("--embedded-guidance given, but this model has no guidance embedding (use --guidance-scale)")
-    if recipe.flow_shift is None:  # the shift follows the step count (or the I2V design) unless set
+    if recipe.flow_shift is None and r.image is None and defaults.get("shift_for_steps") == r.steps:
+        r.flow_shift = defaults["flow_shift"]  # a step-distilled student's own schedule
+    elif recipe.flow_shift is None:  # the shift follows the step count (or the I2V design) unless set
         from hvctl.flow import default_flow_shift
 
         r.flow_shift = default_flow_shift(r.steps, defaults["flow_shift"],

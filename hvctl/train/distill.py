@@ -26,17 +26,36 @@ from hvctl.train.specs import chain, register
 
 @dataclass
 class DistillRecipe(TrainRecipe):
-    """`hvctl distill`: the trainer's keys, plus the teacher and the guidance range."""
+    """`hvctl distill`: the trainer's keys, plus the teacher and the guidance range; `mode` chooses
+    classifier-free-guidance distillation (cfg) or step distillation (steps, hvctl/train/distill_steps.py)."""
 
     KIND: ClassVar[str] = "distill"
-    VARIANT: ClassVar[str] = "cfg_distill"
-    LIMITS: ClassVar[dict] = {**TrainRecipe.LIMITS, "guidance_range": ">= 1", "student_guidance": ">= 0"}
-    teacher: Path | None = None  # a model folder whose DiT has no guidance embedding
+    LIMITS: ClassVar[dict] = {**TrainRecipe.LIMITS, "guidance_range": ">= 1", "student_guidance": ">= 0", "student_steps": ">= 1",
+                              "student_shift": "> 0", "teacher_steps": ">= 2", "teacher_shift": "> 0",
+                              "teacher_solver_steps": ">= 1", "phase_start_share": "[0, 1]"}
+    teacher: Path | None = None  # a model folder whose DiT has no guidance embedding (mode steps: either)
     guidance_range: tuple[float, float] = (1.0, 8.0)  # the scale w, drawn uniformly per sample
     guidance_embedder_init: Literal["zero", "random"] = "zero"  # zero: the student starts as the teacher's conditional pass
     # The embedded guidance the student's folder defaults to; None: the teacher's scale (6 when it is 1).
     # A tiny student may need more than the teacher's scale for the same look (README: distill).
     student_guidance: float | None = None
+    # mode steps: step distillation (phased consistency distillation): a student sampled in
+    # student_steps Euler steps learns where the teacher's own schedule (teacher_steps,
+    # teacher_shift; None: the teacher folder's) takes each phase.
+    mode: Literal["cfg", "steps"] = "cfg"
+    student_steps: int = 4
+    student_shift: float | None = None  # None: the shift hvctl generate uses for student_steps (17/7 of the model's under 20)
+    teacher_steps: int | None = None
+    teacher_shift: float | None = None
+    # Also distil CFG: the student embeds the guidance scale (drawn from guidance_range) and runs one
+    # pass a step; false keeps true CFG (two passes), the student learning the teacher's unguided flow.
+    embed_guidance: bool = True
+    teacher_solver_steps: int | None = None  # teacher steps per target, then the student's own jump; None: to the phase edge
+    phase_start_share: float = 0.5  # share of samples at a phase's start, the sigma the student samples at
+
+    @property
+    def VARIANT(self) -> str:  # noqa: N802  (specs.variant_name reads it)
+        return "step_distill" if self.mode == "steps" else "cfg_distill"
 
 
 class GuidanceDistillationObjective(FlowMatchingObjective):
@@ -80,35 +99,54 @@ class DistillSpec(DitSpec):
         super().check(r)
 
     def load(self, t, folder) -> torch.nn.Module:
-        """The student: the teacher's architecture plus a guidance embedding, holding its weights
-        (the new embedder zero-initialised unless the recipe says random, so that the student
+        """The student: the teacher's architecture (plus a guidance embedding), holding its weights
+        (a new embedder zero-initialised unless the recipe says random, so that the student
         starts as the teacher's conditional pass). The frozen teacher is kept in self.frozen."""
         from hvctl.models.loading import load_component
 
         teacher = load_component(folder, "transformer", dtype=torch.float32, device=t.device)
-        if teacher.config.guidance_embeds:
-            raise HvctlError(f"{folder.path}: the teacher already embeds guidance; distillation needs one without")
+        self.check_teacher(folder, teacher)
         teacher.eval().requires_grad_(False)
-        student = type(teacher).from_config({**teacher.config, "guidance_embeds": True}).to(t.device)
+        embeds = self.student_embeds_guidance(t, teacher)
+        student = type(teacher).from_config({**teacher.config, "guidance_embeds": embeds}).to(t.device)
         missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("time_text_embed.guidance_embedder.") for k in missing), missing
-        if t.r.guidance_embedder_init == "zero":
+        self.new_guidance_embedder = bool(missing)
+        if missing and t.r.guidance_embedder_init == "zero":
             last = student.time_text_embed.guidance_embedder.linear_2
             torch.nn.init.zeros_(last.weight)
             torch.nn.init.zeros_(last.bias)
         self.frozen["teacher"] = teacher
         return student
 
-    def objective(self, t, dataset):
+    def check_teacher(self, folder, teacher) -> None:
+        if teacher.config.guidance_embeds:
+            raise HvctlError(f"{folder.path}: the teacher already embeds guidance; distillation needs one without")
+
+    def student_embeds_guidance(self, t, teacher) -> bool:
+        return True
+
+    def trained_in_full(self, t, model) -> list[torch.nn.Module]:
+        """Under LoRA, a new guidance embedding is trained whole: it has no weights to adapt."""
+        return [model.time_text_embed.guidance_embedder] if self.new_guidance_embedder else []
+
+    def sequence_parallel_teacher(self, t) -> torch.nn.Module:
         teacher = self.frozen["teacher"]
         if t.r.parallel.ring * t.r.parallel.ulysses > 1:  # the teacher sees whole inputs too
             from hvctl.parallel import apply_sequence_parallel
 
             apply_sequence_parallel(teacher, t.mesh)
-        return GuidanceDistillationObjective(t.r.flow, dataset.empty_text(), teacher, tuple(t.r.guidance_range))
+        return teacher
+
+    def objective(self, t, dataset):
+        return GuidanceDistillationObjective(t.r.flow, dataset.empty_text(), self.sequence_parallel_teacher(t),
+                                             tuple(t.r.guidance_range))
 
     def exported(self, t, state):
         module, write = super().exported(t, state)
+        # A new embedding defaults to the teacher's scale; an embedded teacher's stays unless student_guidance says.
+        if not (self.new_guidance_embedder or (t.r.student_guidance is not None and module.config.guidance_embeds)):
+            return module, write
         scale = t.r.student_guidance
         return module, chain(write, lambda folder: embed_guidance_defaults(folder / "model", scale))
 

@@ -74,6 +74,10 @@ class DitSpec(TrainSpec):
                              "(set each manifest record's loss_mask, then run hvctl encode again)")
         return dataset
 
+    def trained_in_full(self, t, model) -> list[torch.nn.Module]:
+        """Modules a LoRA run trains whole beside the adapters (default: none)."""
+        return []
+
     def encode_options(self, r) -> dict:
         """Extra EncodeRecipe settings when the trainer encodes the manifest itself (default: none)."""
         return {}
@@ -181,6 +185,8 @@ class LoraModifier:
         add_lora(model, t.r.lora)
         if t.r.lora.init is not None:  # a resumed run's checkpoint overrides it later
             init_lora_from_file(model, t.r.lora)
+        for module in self.trained_in_full(t, model):
+            module.requires_grad_(True)
         return model
 
     def exported(self, t, state):

@@ -10,6 +10,7 @@ Base variants (one per run, chosen by `variant_name`):
     vae          the VAE's reconstruction objective                                      (hvctl/train/vae.py)
     avatar       the DiT's avatar conditioners                                           (hvctl/avatar/training.py)
     cfg_distill  classifier-free-guidance distillation into a guidance-embedded student  (hvctl/train/distill.py)
+    step_distill step distillation into a few-step student (distill mode: steps)        (hvctl/train/distill_steps.py)
 
 Modifiers compose with a base variant: a mixin class placed before it in the run's spec class,
 whose methods call super(), when the recipe asks for them:
@@ -19,8 +20,8 @@ whose methods call super(), when the recipe asks for them:
 
 To add a variant:
   1. Its recipe: a `TrainRecipe` subclass with its own `KIND` and `VARIANT` (listed in
-     hvctl/recipe.py's RECIPE_KINDS and, for a new command, in cli.py), or a key of TrainRecipe that
-     `variant_name` reads.
+     hvctl/recipe.py's RECIPE_KINDS and, for a new command, in cli.py; VARIANT may be a property
+     when a key chooses, as distill's `mode` does), or a key of TrainRecipe that `variant_name` reads.
   2. Its spec: subclass `TrainSpec` (or `DitSpec` to change only the objective, say) and
      decorate it with `@register("name")`; a modifier: a mixin decorated `@register_modifier("name", applies)`.
   3. Add its module to `BUILTIN` below, so that looking a variant up registers it.
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
 
     from hvctl.train.trainer import Trainer
 
-BUILTIN = ("hvctl.train.dit", "hvctl.train.vae", "hvctl.avatar.training", "hvctl.train.distill", "hvctl.train.dpo")
+BUILTIN = ("hvctl.train.dit", "hvctl.train.vae", "hvctl.avatar.training", "hvctl.train.distill", "hvctl.train.distill_steps",
+           "hvctl.train.dpo")
 
 SPECS: dict[str, type[TrainSpec]] = {}
 MODIFIERS: dict[str, tuple[Callable, type]] = {}  # name: (applies(recipe) -> bool, mixin)
