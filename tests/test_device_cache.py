@@ -59,12 +59,13 @@ def test_a_gather_is_the_collated_batch(toy_cache, text_len):
         assert_same_batch(preloaded.batch(pair, [1, 2, 4]), collate([cache.item(i, v) for i, v in zip(pair, [1, 2, 4])]))
 
 
+@pytest.mark.slow
 def test_preloaded_training_has_the_same_batches_and_weights(tiny_model, toy_cache, tmp_path):
     runs = {}
     for mode in ("none", "cpu", "device"):  # device: the CPU here
         recipe = load_recipe(TrainRecipe, recipe_file(tmp_path / f"{mode}.yaml", tiny_model, toy_cache, tmp_path / mode, mode))
         trainer = Trainer(recipe, progress=False)
-        assert (trainer.preloaded is None) == (mode == "none")
+        assert (trainer.spec.preloaded is None) == (mode == "none")
         batches, micro_batch = [], trainer.micro_batch
 
         def recorded(indices, j, micro_batch=micro_batch, batches=batches):
@@ -83,6 +84,7 @@ def test_preloaded_training_has_the_same_batches_and_weights(tiny_model, toy_cac
         assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_a_preloaded_run_resumes_exactly(tiny_model, toy_cache, tmp_path):
     straight = recipe_file(tmp_path / "a.yaml", tiny_model, toy_cache, tmp_path / "straight", "none")
     train(load_recipe(TrainRecipe, straight), progress=False)
