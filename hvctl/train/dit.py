@@ -24,25 +24,9 @@ from hvctl.train.specs import TrainSpec, chain, register, register_modifier
 class DitSpec(TrainSpec):
     component = "transformer"
 
-    def load(self, t, folder) -> torch.nn.Module:
-        """The transformer: the folder's weights, or (reinit) a fresh init of its config."""
-        from hvctl.models.loading import component_from_config, load_component
-
-        if t.r.reinit:  # stage 0: a new DiT beside pretrained VAE and text encoders
-            return component_from_config(folder, self.component).to(t.device)
-        return load_component(folder, self.component, dtype=torch.float32, device=t.device)
-
-    def extend(self, t, model, folder) -> torch.nn.Module:
-        """Trained modules added to the loaded model before the trained parameters are chosen (default: none)."""
-        return model
-
     def build(self, t, folder) -> torch.nn.Module:
-        self.vae_config = folder.component_config("vae")
-        model = self.extend(t, self.load(t, folder), folder)
-        model.train().requires_grad_(True)
-        if t.r.trainable is not None:
-            freeze_all_but(model, t.r.trainable, self.component)
-        return model
+        self.vae_config = folder.component_config("vae")  # the latent grid, for batch_cost
+        return super().build(t, folder)
 
     def data(self, t, buckets):
         from hvctl.cache import LatentCache
@@ -134,18 +118,6 @@ class DitSpec(TrainSpec):
         _, frames, height, width = latent_shape(self.vae_config, dit.in_channels, frames, height, width)
         tokens = frames // dit.patch_size_t * (height // dit.patch_size) * (width // dit.patch_size)
         return len(indices) * sequence_cost(tokens, dit.num_attention_heads * dit.attention_head_dim)
-
-
-def freeze_all_but(model, prefixes: list[str], component: str) -> None:
-    """Train only the parameters under these name prefixes (the recipe's `trainable`)."""
-    names = [name for name, _ in model.named_parameters()]
-    unknown = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
-    if unknown:
-        tops = sorted({n.split(".")[0] for n in names})
-        raise HvctlError(f"trainable: {', '.join(unknown)} names no parameters of the {component}; "
-                         f"its top-level parts: {', '.join(tops)}")
-    for name, param in model.named_parameters():
-        param.requires_grad_(any(name == p or name.startswith(p + ".") for p in prefixes))
 
 
 @register_modifier("i2v", lambda r: r.i2v is not None)

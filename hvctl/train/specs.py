@@ -107,9 +107,28 @@ class TrainSpec:
     def check(self, r) -> None:
         """Refuse recipe settings this variant cannot honour, before any model loads."""
 
+    def load(self, t: Trainer, folder) -> torch.nn.Module:
+        """The component: the folder's weights, or (`reinit`) a fresh init of its config."""
+        import torch
+
+        from hvctl.models.loading import component_from_config, load_component
+
+        if t.r.reinit:  # e.g. stage 0: a new DiT beside pretrained VAE and text encoders
+            return component_from_config(folder, self.component).to(t.device)
+        return load_component(folder, self.component, dtype=torch.float32, device=t.device)
+
+    def extend(self, t: Trainer, model, folder) -> torch.nn.Module:
+        """Trained modules added to the loaded model before the trained parameters are chosen (default: none)."""
+        return model
+
     def build(self, t: Trainer, folder) -> torch.nn.Module:
-        """The trained module, on t.device, in train mode, its trained parameters requiring grad."""
-        raise NotImplementedError
+        """The trained module, on t.device, in train mode, its trained parameters requiring grad
+        (all of them, or the recipe's `trainable` prefixes)."""
+        model = self.extend(t, self.load(t, folder), folder)
+        model.train().requires_grad_(True)
+        if t.r.trainable is not None:
+            freeze_all_but(model, t.r.trainable, self.component)
+        return model
 
     def data(self, t: Trainer, buckets) -> object:
         """The dataset: `buckets` (a BucketConfig) per sample, .buckets {bucket: indices}, len()."""
@@ -151,3 +170,15 @@ def chain(*writers) -> Callable[[Path], None] | None:
     if not writers:
         return None
     return lambda folder: [w(folder) for w in writers] and None
+
+
+def freeze_all_but(model, prefixes: list[str], component: str) -> None:
+    """Train only the parameters under these name prefixes (the recipe's `trainable`)."""
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
+    if unknown:
+        tops = sorted({n.split(".")[0] for n in names})
+        raise HvctlError(f"trainable: {', '.join(unknown)} names no parameters of the {component}; "
+                         f"its top-level parts: {', '.join(tops)}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(name == p or name.startswith(p + ".") for p in prefixes))

@@ -18,19 +18,6 @@ class VaeSpec(TrainSpec):
         if r.data.preload != "none":
             raise HvctlError(f"data.preload: {r.data.preload} stacks a DiT's latent cache; a VAE run reads media (set none)")
 
-    def build(self, t, folder) -> torch.nn.Module:
-        from hvctl.models.loading import component_from_config, load_component
-        from hvctl.train.dit import freeze_all_but
-
-        if t.r.reinit:
-            model = component_from_config(folder, self.component).to(t.device)
-        else:
-            model = load_component(folder, self.component, dtype=torch.float32, device=t.device)
-        model.train().requires_grad_(True)
-        if t.r.trainable is not None:
-            freeze_all_but(model, t.r.trainable, self.component)
-        return model
-
     def data(self, t, buckets):
         from hvctl.data.media import MediaDataset
 
