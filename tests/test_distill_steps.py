@@ -219,6 +219,10 @@ def test_a_lora_student_without_embedded_guidance_keeps_true_cfg(tiny_model, cac
     g = json.loads((tmp_path / "run" / "model" / "hvctl.json").read_text())["generation"]
     teacher = json.loads((tiny_model / "hvctl.json").read_text())["generation"]
     assert g["steps"] == 2 and g["guidance_scale"] == teacher["guidance_scale"] and (tmp_path / "run" / "lora").is_dir()
+    from hvctl.errors import HvctlError
+
+    with pytest.raises(HvctlError, match="student_guidance: 5.0 sets an embedded scale"):  # nothing would embed it
+        Trainer(load_recipe(DistillRecipe, recipe, ["student_guidance=5", f"out={tmp_path / 'run2'}"]), progress=False)
 
 
 def test_the_13b_recipe_is_a_six_step_student_of_the_official_schedule():

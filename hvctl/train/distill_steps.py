@@ -174,7 +174,11 @@ class StepDistillSpec(DistillSpec):
             raise HvctlError("distill mode steps: image-to-video students are not supported yet (a text-to-video teacher only)")
 
     def student_embeds_guidance(self, t, teacher) -> bool:
-        return bool(teacher.config.guidance_embeds or t.r.embed_guidance)
+        embeds = bool(teacher.config.guidance_embeds or t.r.embed_guidance)
+        if not embeds and t.r.student_guidance is not None:
+            raise HvctlError(f"student_guidance: {t.r.student_guidance} sets an embedded scale, but with embed_guidance: "
+                             "false the student keeps true CFG (set guidance at generate time, or drop student_guidance)")
+        return embeds
 
     def objective(self, t, dataset):
         from hvctl.models.loading import ModelFolder
