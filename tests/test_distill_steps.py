@@ -84,6 +84,33 @@ def test_the_target_is_the_teachers_guided_run_to_the_phase_edge():
     assert abs(loss.item() - expected.item()) < 1e-5 * expected.item() and logs["sigma_mean"] == 1.0
 
 
+def test_samples_at_different_points_of_a_phase_each_get_their_own_teacher_run():
+    """Samples drawn inside their phases need different numbers of teacher steps; the teacher runs
+    on the moving ones only, and each target equals that sample's own guided run, done alone."""
+    teacher, student = tiny_dit(0), tiny_dit(1)
+    obj = objective(teacher, 2, 8, guidance_range=(3.0, 3.0), phase_start_share=0.0)
+    b = batch(4)
+    loss, _ = obj(student, b, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the call's draws, in its order
+    drawn = obj.noised(b, g)
+    start, stop, end = obj.draw(4, g)
+    assert len(set((stop - start).tolist())) > 1  # the samples really take different numbers of steps
+    text = (b["text_states"], b["text_mask"], b["pooled"])
+    errors = []
+    with torch.no_grad():
+        for i in range(4):
+            one = tuple(part[i:i + 1] for part in text)
+            t, edge = obj.grid[start[i]], obj.grid[end[i]]
+            x_t = (1 - t) * drawn["x0"][i:i + 1] + t * drawn["noise"][i:i + 1]
+            x = x_t.clone()
+            for j in range(int(start[i]), int(stop[i])):
+                x = x + (obj.grid[j + 1] - obj.grid[j]) * obj.teacher_velocity(x, obj.grid[j].view(1), one, torch.tensor([3.0]))
+            target = (x - x_t) / (edge - t)
+            errors.append(((velocity(student, x_t, t.view(1), one) - target) ** 2).mean())
+    expected = torch.stack(errors).mean()
+    assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
+
+
 def test_training_moves_the_student_towards_the_teachers_jumps():
     teacher, student = tiny_dit(0), tiny_dit(1)
     obj = objective(teacher, 2, 8, guidance_range=None, phase_start_share=0.5)

@@ -113,16 +113,16 @@ class StepDistillationObjective(FlowMatchingObjective):
         device = next(model.parameters()).device
         t, edge = self.grid[start], self.grid[end]
         x_t = add_noise(x0, noise, t).to(device)
-        # The teacher's Euler steps along the grid, each sample from its own t to its own stop
-        # (samples that are there already take steps of zero length).
+        # The teacher's Euler steps along the grid, each sample from its own t to its own stop;
+        # each step runs the teacher on the samples still moving only.
         x, j = x_t.clone(), start.clone()
         with torch.no_grad():
             while bool((j < stop).any()):
-                moving = j < stop
-                sigma, sigma_next = self.grid[j], self.grid[torch.where(moving, j + 1, j)]
-                v = self.teacher_velocity(x, sigma, text, scale)
-                x = x + (sigma_next - sigma).view(n, 1, 1, 1, 1).to(device) * v
-                j = torch.where(moving, j + 1, j)
+                moving = torch.nonzero(j < stop).flatten()
+                sigma, sigma_next = self.grid[j[moving]], self.grid[j[moving] + 1]
+                v = self.teacher_velocity(x[moving.to(device)], sigma, tuple(part[moving] for part in text), scale[moving])
+                x[moving.to(device)] += (sigma_next - sigma).view(-1, 1, 1, 1, 1).to(device) * v
+                j[moving] += 1
             reached = stop == end
             if not bool(reached.all()):  # bootstrap: the student's own jump from t' to the edge
                 t_prime = self.grid[stop]
