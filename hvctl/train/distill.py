@@ -74,8 +74,7 @@ class GuidanceDistillationObjective(FlowMatchingObjective):
         n = b["x0"].shape[0]
         low, high = self.guidance_range
         scale = low + (high - low) * torch.rand(n, generator=generator)
-        e = self.empty_text
-        empty = (e["text_states"].float().expand(n, -1, -1), e["text_mask"].expand(n, -1), e["pooled"].float().expand(n, -1))
+        empty = self.empty_text_batch(n)
         with torch.no_grad():
             conditional = self.predict(self.teacher, b["x0"], b["noise"], b["sigma"], b["text"])
             unconditional = self.predict(self.teacher, b["x0"], b["noise"], b["sigma"], empty)

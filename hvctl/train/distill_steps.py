@@ -94,8 +94,7 @@ class StepDistillationObjective(FlowMatchingObjective):
         if bool((scale == 1).all()):
             return conditional
         n = latents.shape[0]
-        e = self.empty_text
-        empty = (e["text_states"].float().expand(n, -1, -1), e["text_mask"].expand(n, -1), e["pooled"].float().expand(n, -1))
+        empty = self.empty_text_batch(n)
         unconditional = velocity(self.teacher, latents, sigma, empty)
         return guided(conditional, unconditional, scale.view(n, 1, 1, 1, 1).to(conditional.device))
 

@@ -41,6 +41,11 @@ class FlowMatchingObjective:
                 inputs[f"present.{name}"] = present * (torch.rand(present.shape, generator=generator) >= rate).float()
         return inputs
 
+    def empty_text_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The empty prompt's (states, mask, pooled), expanded to n samples (no copy)."""
+        e = self.empty_text
+        return e["text_states"].float().expand(n, -1, -1), e["text_mask"].expand(n, -1), e["pooled"].float().expand(n, -1)
+
     def noised(self, batch: dict, generator: torch.Generator, stratum=None) -> dict:
         """A batch's clean latents, noise and sigmas, and its text (empty where dropped)."""
         mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
