@@ -17,6 +17,11 @@ unless `keep_rejected_clips`. An unreadable or corrupt input is reported and ski
 
 Filters see a few frames per clip, downsized (analysis_frames, analysis_size); a source is
 decoded as a stream, never held whole in memory.
+
+A manifest record's frame-aligned companions follow its clips: a loss mask (`loss_mask`, as
+`hvctl toy render` writes) is cut to each shot's frames beside the clip; the other path fields
+(hvctl.encode's CONDITION_FIELDS) are re-rooted to the new manifest when the clip is the source's
+one shot and dropped otherwise, like its caption, since a shot of them would need its own cut.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -89,6 +95,7 @@ class Source:
     path: Path
     kind: str  # "image" | "video"
     record: ManifestRecord | None = None  # when the input is a manifest
+    manifest_dir: Path | None = None  # its folder, which the record's paths are relative to
 
 
 @dataclass
@@ -110,6 +117,10 @@ class Clip:
     step: float = 1.0  # source frames between two analysis frames
     scores: dict = field(default_factory=dict)
     embedding: np.ndarray | None = None
+    loss_mask: Path | None = None  # the source's loss mask cut to this clip, beside it
+
+    def files(self) -> list[Path]:
+        return [self.path] + ([self.loss_mask] if self.loss_mask is not None else [])
 
 
 def curate(r: CurateRecipe, *, progress: bool | None = None, on_problem=None) -> dict:
@@ -178,7 +189,8 @@ def curate(r: CurateRecipe, *, progress: bool | None = None, on_problem=None) ->
     write_text_atomic(rejected_path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in rejected))
     if not r.keep_rejected_clips:
         for clip in dropped_clips:
-            clip.path.unlink(missing_ok=True)
+            for path in clip.files():
+                path.unlink(missing_ok=True)
     reasons = [e["reason"] for e in rejected]
     return {
         "manifest": str(out), "rejected": str(rejected_path), "clips_dir": str(clips_dir),
@@ -245,7 +257,7 @@ def find_sources(path: Path, exclude: Path, on_bad_line=None) -> list[Source]:
         return [Source(path.stem, path, _media_kind(path))]
     if path.is_file():
         on_error = None if on_bad_line is None else (lambda e: on_bad_line(None, e.where, e.reason))
-        return [Source(rec.id, rec.media_path(path.parent), rec.kind, rec) for rec in iter_manifest(path, on_error=on_error)]
+        return [Source(rec.id, rec.media_path(path.parent), rec.kind, rec, path.parent) for rec in iter_manifest(path, on_error=on_error)]
     raise HvctlError(f"{path}: no such file or folder")
 
 
@@ -282,7 +294,8 @@ def process_source(source: Source, r: CurateRecipe, filters: dict, buckets, clip
             score_clip(clip, filters, r)
     except BaseException:
         for clip in written:
-            clip.path.unlink(missing_ok=True)
+            for path in clip.files():
+                path.unlink(missing_ok=True)
         raise
     return written, dropped, len(written) + len(dropped)
 
@@ -331,14 +344,18 @@ def _video_clips(source: Source, r: CurateRecipe, buckets, clips_dir: Path, writ
     from hvctl.video import VideoReader, write_video
 
     dropped = []
+    mask_path = _loss_mask_of(source)
     # Opened first: an unreadable file fails here, with hvctl.video's message, before the detector sees it.
-    with VideoReader(source.path) as video:
+    with VideoReader(source.path) as video, (VideoReader(mask_path) if mask_path else nullcontext()) as mask:
         width, height = video.width - video.width % 2, video.height - video.height % 2  # H.264 wants even sizes
+        if mask is not None and (mask.width, mask.height) != (video.width, video.height):
+            raise HvctlError(f"{mask_path}: loss mask is {mask.width}x{mask.height}, its video {video.width}x{video.height}")
         shots = detect_shots(source.path, r.shots)
         if not shots:
             raise HvctlError(f"{source.path}: video has zero frames")
         frames, fps = video.frames(), video.fps
-        position = 0  # index of the next frame `frames` yields
+        mask_frames = mask.frames() if mask is not None else None
+        position = 0  # index of the next frame `frames` (and `mask_frames`) yields
         for index, (start, end) in enumerate(shots):
             clip_id = f"{source.id}-s{index:03d}"
             shot = {"index": index, "start_frame": start, "end_frame": end}
@@ -355,14 +372,21 @@ def _video_clips(source: Source, r: CurateRecipe, buckets, clips_dir: Path, writ
             for _ in range(start - position):  # frames of dropped shots, and the tails cut off to 4k+1
                 if next(frames, None) is None:
                     raise HvctlError(f"{source.path}: decoding stopped at frame {position}, before shot {index}")
+                if mask_frames is not None and next(mask_frames, None) is None:
+                    raise HvctlError(f"{mask_path}: loss mask ends at frame {position}, before shot {index}")
                 position += 1
             sampler = _AnalysisSampler(length, r.analysis_frames, r.analysis_size)
             path = clips_dir / f"{_file_name(clip_id)}.mp4"
             write_video(path, sampler.feed(_take(frames, length, source.path, start), height, width), fps, crf=r.crf)
+            clip = Clip(id=clip_id, source=source, path=path, kind="video", width=width, height=height,
+                        frames=length, fps=fps, bucket=bucket, shot=shot, only_shot=len(shots) == 1,
+                        analysis=sampler.frames(), step=sampler.stride)
+            written.append(clip)
+            if mask_frames is not None:
+                clip.loss_mask = clips_dir / f"{_file_name(clip_id)}.mask.mp4"
+                cut = (frame[:height, :width] for frame in _take(mask_frames, length, mask_path, start))
+                write_video(clip.loss_mask, cut, fps, crf=r.crf)
             position += length
-            written.append(Clip(id=clip_id, source=source, path=path, kind="video", width=width, height=height,
-                                frames=length, fps=fps, bucket=bucket, shot=shot, only_shot=len(shots) == 1,
-                                analysis=sampler.frames(), step=sampler.stride))
     return dropped
 
 
@@ -421,9 +445,25 @@ def _image_clip(source: Source, buckets, clips_dir: Path, analysis_size: int | N
     path = clips_dir / f"{_file_name(source.id)}{source.path.suffix.lower()}"
     with atomic_output(path) as tmp:
         shutil.copyfile(source.path, tmp)
-    return Clip(id=source.id, source=source, path=path, kind="image", width=width, height=height, frames=1, fps=None,
+    clip = Clip(id=source.id, source=source, path=path, kind="image", width=width, height=height, frames=1, fps=None,
                 bucket=assign_bucket(width, height, 1, buckets), shot=None, only_shot=True,
                 analysis=downsize(image, analysis_size)[None])
+    mask_path = _loss_mask_of(source)
+    if mask_path is not None:
+        clip.loss_mask = clips_dir / f"{_file_name(source.id)}.mask{mask_path.suffix.lower()}"
+        with atomic_output(clip.loss_mask) as tmp:
+            shutil.copyfile(mask_path, tmp)
+    return clip
+
+
+def _loss_mask_of(source: Source) -> Path | None:
+    """The source record's loss mask file (a manifest path field), or None."""
+    from hvctl.encode import LOSS_MASK_FIELD
+
+    record = source.record
+    if record is None or not record.extra.get(LOSS_MASK_FIELD):
+        return None
+    return source.manifest_dir / record.extra[LOSS_MASK_FIELD]
 
 
 # --- scores and duplicates ----------------------------------------------------
@@ -498,8 +538,19 @@ def clip_record(clip: Clip, manifest_dir: Path):
     """The manifest record of a kept clip. From a manifest input it keeps the source's split and
     fields, and its caption when the clip is the source's one shot (a caption of a whole video
     does not describe one of its shots)."""
+    from hvctl.encode import CONDITION_FIELDS, LOSS_MASK_FIELD
+
     record = clip.source.record
     extra = dict(record.extra) if record is not None else {}
+    extra.pop(LOSS_MASK_FIELD, None)
+    if clip.loss_mask is not None:
+        extra[LOSS_MASK_FIELD] = _relative(clip.loss_mask, manifest_dir)
+    for name in CONDITION_FIELDS:
+        if extra.get(name):
+            if clip.only_shot:
+                extra[name] = _relative(clip.source.manifest_dir / extra[name], manifest_dir)
+            else:
+                del extra[name]
     extra.update(bucket=list(clip.bucket), curate=_curate_fields(clip, manifest_dir))
     return ManifestRecord(
         id=clip.id, media=_relative(clip.path, manifest_dir), kind=clip.kind, width=clip.width, height=clip.height,

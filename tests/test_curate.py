@@ -261,3 +261,55 @@ def test_cli_json_and_errors(inputs, tmp_path):
     missing = run_cli("curate", tmp_path / "nothing", "--out", out)
     assert missing.returncode == 1 and "error:" in missing.stderr and "nothing: no such file or folder" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_a_loss_mask_is_cut_with_each_shot_and_other_paths_follow_the_manifest(tmp_path):
+    from hvctl.data.manifest import ManifestRecord, write_manifest
+
+    src = tmp_path / "src"
+    (src / "masks").mkdir(parents=True)
+    multi = np.concatenate([toy_video(0), toy_video(2), toy_video(9, 25)[:23]])  # cuts at 17 and 34
+    write_video(src / "multi.mp4", multi, 8)
+    # Frame i of the mask is a flat grey of 4 * i, so a shot's mask frames say where they came from.
+    write_video(src / "masks" / "multi.mp4", np.stack([np.full((64, 64, 3), 4 * i, np.uint8) for i in range(57)]), 8)
+    write_video(src / "one.mp4", toy_video(11), 8)
+    write_video(src / "masks" / "one.mp4", np.full((17, 64, 64, 3), 200, np.uint8), 8)
+    (src / "one.wav").write_bytes(b"RIFF")  # a condition path: only followed, never read here
+    records = [ManifestRecord(id="multi", media="multi.mp4", kind="video", width=64, height=64, frames=57, fps=8.0,
+                              extra={"loss_mask": "masks/multi.mp4", "audio": "one.wav"}),
+               ManifestRecord(id="one", media="one.mp4", kind="video", width=64, height=64, frames=17, fps=8.0,
+                              extra={"loss_mask": "masks/one.mp4", "audio": "one.wav"})]
+    write_manifest(src / "manifest.jsonl", records)
+    out = tmp_path / "out" / "curated" / "manifest.jsonl"
+    off = [f"filters.{name}=null" for name in ("clarity", "motion", "text_area")] + ["dedup.threshold=null"]
+    summary = curate(load_recipe(CurateRecipe, TOY_RECIPE, off, values={"input": src / "manifest.jsonl", "out": out}),
+                     progress=False)
+    assert summary["kept"] == 4 and not summary["failed"]
+    kept = {rec.id: rec for rec in read_manifest(out)}
+    for index, (start, end) in enumerate(SHOTS):
+        rec = kept[f"multi-s{index:03d}"]
+        mask, _ = read_video(out.parent / rec.extra["loss_mask"])
+        assert len(mask) == rec.frames == four_k_plus_one(end - start)
+        assert np.abs(mask[:, 0, 0, 0].astype(int) - 4 * np.arange(start, start + rec.frames)).max() <= 2
+        assert "audio" not in rec.extra  # a shot of a longer source: its audio would need its own cut
+    one = kept["one-s000"]
+    assert read_video(out.parent / one.extra["loss_mask"])[0].shape[0] == 17
+    assert (out.parent / one.extra["audio"]).resolve() == (src / "one.wav").resolve()
+
+
+def test_a_missing_loss_mask_fails_only_its_source(tmp_path):
+    from hvctl.data.manifest import ManifestRecord, write_manifest
+
+    write_video(tmp_path / "a.mp4", toy_video(11), 8)
+    write_video(tmp_path / "b.mp4", toy_video(0), 8)
+    write_manifest(tmp_path / "in.jsonl", [
+        ManifestRecord(id="a", media="a.mp4", kind="video", width=64, height=64, frames=17, fps=8.0,
+                       extra={"loss_mask": "masks/a.mp4"}),
+        ManifestRecord(id="b", media="b.mp4", kind="video", width=64, height=64, frames=17, fps=8.0)])
+    off = [f"filters.{name}=null" for name in ("clarity", "motion", "text_area")]
+    summary = curate(load_recipe(CurateRecipe, TOY_RECIPE, off, values={"input": tmp_path / "in.jsonl",
+                                                                        "out": tmp_path / "out" / "m.jsonl"}),
+                     progress=False)
+    assert [rec.id for rec in read_manifest(tmp_path / "out" / "m.jsonl")] == ["b-s000"]
+    assert len(summary["failed"]) == 1 and "masks/a.mp4" in json.dumps(summary["failed"])
+    assert sorted(p.name for p in (tmp_path / "out" / "clips").iterdir()) == ["b-s000.mp4"]
