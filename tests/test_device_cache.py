@@ -107,3 +107,25 @@ def test_a_cache_larger_than_the_free_memory_is_refused(tiny_model, toy_cache, t
     assert "\n" not in str(e.value)
     with pytest.raises(HvctlError, match="preload"):
         load_recipe(TrainRecipe, recipe_file(tmp_path / "w.yaml", tiny_model, toy_cache, tmp_path / "w", "gpu"))
+
+
+@pytest.mark.parametrize("preload", ["none", "cpu"])
+def test_short_caption_rate_trains_that_share_on_the_short_description(tiny_model, toy_cache, tmp_path, preload):
+    cache = LatentCache(toy_cache)
+
+    def shares(rate):
+        path = recipe_file(tmp_path / f"{rate}.yaml", tiny_model, toy_cache, tmp_path / f"run-{rate}", preload)
+        trainer = Trainer(load_recipe(TrainRecipe, path, [f"data.short_caption_rate={rate}"]), progress=False)
+        generator = torch.Generator().manual_seed(0)
+        short = total = 0
+        for _ in range(30):
+            for indices in cache.buckets.values():
+                pooled = trainer.spec.batch(trainer, indices, generator)["pooled"]
+                first = torch.stack([cache.item(i, 0)["pooled"] for i in indices])
+                short += int((pooled == first).all(dim=1).sum())
+                total += len(indices)
+        return short / total
+
+    assert shares(1.0) == 1.0
+    assert 0.2 < shares("null") < 0.5  # one variant in three
+    assert 0.55 < shares(0.5) < 0.8  # a half, and a third of the other half

@@ -46,7 +46,7 @@ class FlowConfig:
 @dataclass
 class DataConfig:
     LIMITS: ClassVar[dict] = {"batch_size": ">= 1", "image_ratio": "[0, 1]", "empty_prompt_rate": "[0, 1]",
-                              "caption_variants": ">= 1", "aspect_buckets": ">= 16", "frame_buckets": ">= 1", "text_len": ">= 1"}
+                              "short_caption_rate": "[0, 1]", "caption_variants": ">= 1", "aspect_buckets": ">= 16", "frame_buckets": ">= 1", "text_len": ">= 1"}
     cache: Path | None = None  # an `hvctl encode` cache; None: encode `manifest` first
     manifest: Path | None = None  # limits training to its samples; needed without a cache and for VAE runs
     split: str | None = "train"
@@ -54,6 +54,9 @@ class DataConfig:
     image_ratio: float | None = None  # share of steps on image batches (None: even when both exist)
     empty_prompt_rate: float = 0.1  # text replaced by the empty prompt: what makes CFG work
     caption_variants: int = 4  # when encoding here
+    # Share of samples that read caption variant 0, the short description as users type it, instead
+    # of a variant drawn at random (null: every variant alike).
+    short_caption_rate: float | None = None
     # The stage's buckets: a cache's samples outside them are skipped; media is fitted to them.
     # None: every bucket of the cache (the toy buckets when media is read here).
     aspect_buckets: list[tuple[int, int]] | None = None

@@ -104,7 +104,10 @@ class DitSpec(TrainSpec):
         from hvctl.data.batching import collate
 
         # A caption variant per sample: field dropout and permutation, precomputed by encode.
-        variants = torch.randint(0, 1 << 30, (len(indices),), generator=generator).tolist()
+        variants = torch.randint(0, 1 << 30, (len(indices),), generator=generator)
+        if t.r.data.short_caption_rate is not None:
+            variants[torch.rand(len(indices), generator=generator) < t.r.data.short_caption_rate] = 0
+        variants = variants.tolist()
         if self.preloaded is not None:
             return self.preloaded.batch(indices, variants)
         return collate([t.dataset.item(i, v) for i, v in zip(indices, variants)])
