@@ -46,7 +46,8 @@ class FlowConfig:
 @dataclass
 class DataConfig:
     LIMITS: ClassVar[dict] = {"batch_size": ">= 1", "image_ratio": "[0, 1]", "empty_prompt_rate": "[0, 1]",
-                              "short_caption_rate": "[0, 1]", "caption_variants": ">= 1", "aspect_buckets": ">= 16", "frame_buckets": ">= 1", "text_len": ">= 1"}
+                              "short_caption_rate": "[0, 1]", "caption_variants": ">= 1", "aspect_buckets": ">= 16",
+                              "frame_buckets": ">= 1", "text_len": ">= 1"}
     cache: Path | None = None  # an `hvctl encode` cache; None: encode `manifest` first
     manifest: Path | None = None  # limits training to its samples; needed without a cache and for VAE runs
     split: str | None = "train"
