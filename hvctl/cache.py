@@ -160,16 +160,17 @@ def encoder_identities(model_dir: Path) -> dict[str, str]:
             "text_encoders": "sha256:" + hashlib.sha256(json.dumps(text).encode()).hexdigest()}
 
 
-def check_cache_encoders(root: Path, entries: list[CacheEntry], model_dir: Path) -> None:
+def check_cache_encoders(root: Path, entries: list[CacheEntry], model_dir: Path, *, what: str = "data.cache",
+                         override: str = "set data.accept_foreign_cache: true") -> None:
     """Refuse to train on latents or text states from other encoders than the model's: the DiT
-    would learn another VAE's latent space without a word (data.accept_foreign_cache overrides)."""
+    would learn another VAE's latent space without a word (`override` says how to insist)."""
     mine = encoder_identities(model_dir)
     for part, name in (("vae", "VAE"), ("text_encoders", "text encoders")):
         foreign = [e for e in entries if getattr(e, part) is not None and getattr(e, part) != mine[part]]
         if foreign:
-            raise HvctlError(f"data.cache {root}: {len(foreign)} of {len(entries)} samples were encoded by another {name} "
+            raise HvctlError(f"{what} {root}: {len(foreign)} of {len(entries)} samples were encoded by another {name} "
                              f"than {model_dir}'s (e.g. {foreign[0].id}); encode with this model (hvctl encode "
-                             "--model), or set data.accept_foreign_cache: true if the encoders are the same")
+                             f"--model), or {override} if the encoders are the same")
 
 
 def read_shard_entries(path: Path) -> list[CacheEntry]:

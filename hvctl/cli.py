@@ -603,6 +603,37 @@ def eval_toy(
         print_report(result)
 
 
+@eval_app.command("loss")
+def eval_loss(
+    cache: Path = typer.Argument(..., help="A latent cache (hvctl encode) of clips the model did not train on."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder. Default: the embedded model."),
+    samples: int = typer.Option(64, help="The cache's first N samples (in id order)."),
+    sigma: Optional[list[float]] = typer.Option(None, "--sigma", help="Noise levels in (0, 1] (repeat). Default: 0.1 0.3 0.5 0.7 0.9."),
+    seed: int = typer.Option(0, help="Seed of the noise (sample i has its own, whatever --samples is)."),
+    embedded_guidance: float = typer.Option(1.0, "--embedded-guidance", help="For guidance-distilled models."),
+    accept_foreign_cache: bool = typer.Option(False, "--accept-foreign-cache", help="Measure on a cache encoded by other "
+                                              "encoders than the model's (only if they are the same weights)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
+    as_json: bool = JSON_OPTION,
+):
+    """The held-out denoising loss at fixed noise levels (the training loss, comparable across models)."""
+    from hvctl.recipe import SEED_RANGE, check_number
+    from hvctl.train.validation import DEFAULT_SIGMAS, check_sigmas, model_losses
+
+    check_number("--samples", samples, ">= 1")
+    check_number("--seed", seed, SEED_RANGE)
+    check_number("--embedded-guidance", embedded_guidance, ">= 0")
+    sigmas = check_sigmas(sigma or DEFAULT_SIGMAS, "--sigma")
+    result = model_losses(model, cache, samples=samples, sigmas=sigmas, seed=seed, device=device, guidance=embedded_guidance,
+                          accept_foreign_cache=accept_foreign_cache, what="CACHE", override="pass --accept-foreign-cache")
+    lines = [f"{result['samples']} samples of {result['cache']}, model {result['model']}",
+             "sigma  loss" + ("      in the loss masks" if result["masked_loss"] else "")]
+    for k, s in enumerate(result["sigmas"]):
+        masked = f"  {result['masked_loss'][k]:.5f}" if result["masked_loss"] else ""
+        lines.append(f"{s:<6g} {result['loss'][k]:.5f}{masked}")
+    emit(result, as_json, "\n".join(lines))
+
+
 @model_app.command("init")
 def model_init(
     out: Path = typer.Argument(..., help="New model folder to write."),

@@ -148,12 +148,19 @@ class CheckpointConfig:
 
 @dataclass
 class ValidationConfig:
-    LIMITS: ClassVar[dict] = {"every": ">= 0", "steps": ">= 1", "seed": "[0, 9223372036854775807]", "guidance_scale": ">= 1"}
-    every: int = 0  # 0: never
-    prompts: list[str] = field(default_factory=list)
+    LIMITS: ClassVar[dict] = {"every": ">= 0", "steps": ">= 1", "seed": "[0, 9223372036854775807]", "guidance_scale": ">= 1",
+                              "loss_samples": ">= 1", "loss_sigmas": "(0, 1]"}
+    every: int = 0  # 0: never; else at every checkpoint whose step is a multiple of it
+    prompts: list[str] = field(default_factory=list)  # videos generated from the checkpoint
     steps: int = 20
-    seed: int = 0
+    seed: int = 0  # of the videos' noise and of the held-out loss's
     guidance_scale: float = 1.0
+    # DiT: the held-out denoising loss (hvctl/train/validation.py) on the first loss_samples of this
+    # cache (hvctl encode of clips not trained on), logged as val_loss@SIGMA for each noise level.
+    loss_cache: Path | None = None
+    loss_samples: int = 64
+    loss_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    accept_foreign_cache: bool = False  # as data.accept_foreign_cache, for loss_cache
 
 
 @dataclass
@@ -243,6 +250,14 @@ def check_paths(r: TrainRecipe) -> None:
     if r.avatar is not None and r.avatar.audio_encoder_options.get("path") is not None:
         if not Path(r.avatar.audio_encoder_options["path"]).exists():
             raise HvctlError(f"avatar.audio_encoder_options.path: {r.avatar.audio_encoder_options['path']} not found")
+    v = r.validation
+    if v.loss_cache is not None:
+        if r.target != "dit":
+            raise HvctlError("validation.loss_cache: the held-out loss is the DiT's; a VAE run has none")
+        if not v.every:
+            raise HvctlError("validation.loss_cache is set but validation.every is 0: set the checkpoints to validate at")
+        if not Path(v.loss_cache).is_dir():
+            raise HvctlError(f"validation.loss_cache: {v.loss_cache} not found (make it with `hvctl encode` of held-out clips)")
     if r.target == "dit":
         check_parallel(r)
 

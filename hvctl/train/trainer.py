@@ -227,6 +227,7 @@ class Trainer:
         started, start_step = time.perf_counter(), self.step
         samples_per_step = r.data.batch_size * r.optim.grad_accumulation * self.data_count
         last_logs: dict = {}
+        last_validation: dict | None = None
         with progress_bar(r.steps, "training", enabled=self.progress) as advance:
             advance(self.step)
             while self.step < r.steps:
@@ -239,7 +240,9 @@ class Trainer:
                 if self.step % r.checkpoint.every == 0 or self.step == r.steps:
                     self.save()  # every rank writes its shards
                     if self.ranks.is_main and r.validation.every and self.step % r.validation.every == 0:
-                        self.validate()
+                        last_validation = self.validate()
+                        if last_validation and metrics:
+                            metrics.write(self.step, last_validation)
                     barrier(self.ranks)
                 last_logs = logs
         if metrics:
@@ -250,7 +253,7 @@ class Trainer:
         final = self.export()
         return {"run": str(self.run), "model": str(final), "steps": self.step, "resumed_from": start_step or None,
                 "processes": self.ranks.world_size, "seconds": round(time.perf_counter() - started, 2),
-                "last": last_logs, **self.spec.result(self)}
+                "last": last_logs, **({"validation": last_validation} if last_validation else {}), **self.spec.result(self)}
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -346,18 +349,28 @@ class Trainer:
             tmp.rename(final)
         return final
 
-    def validate(self) -> None:
-        """Validation videos (DiT) from the newest checkpoint's model folder."""
-        if self.component != "transformer" or not self.r.validation.prompts:
-            return
-        from hvctl.generate import GenerateRecipe, generate
-
+    def validate(self) -> dict | None:
+        """Validation (DiT) of the newest checkpoint's model folder, the weights a run exports: its
+        videos, and its held-out loss, returned as metrics."""
+        if self.component != "transformer":
+            return None
         v = self.r.validation
-        out = self.run / "validation" / f"step-{self.step:08d}"
-        for i, prompt in enumerate(v.prompts):
-            generate(GenerateRecipe(prompt=prompt, model=self.latest_checkpoint() / "model", steps=v.steps, seed=v.seed,
-                                    guidance_scale=v.guidance_scale, output=out / f"{i:02d}.mp4", device=str(self.device)),
-                     progress=False)
+        model = self.latest_checkpoint() / "model"
+        if v.prompts:
+            from hvctl.generate import GenerateRecipe, generate
+
+            out = self.run / "validation" / f"step-{self.step:08d}"
+            for i, prompt in enumerate(v.prompts):
+                generate(GenerateRecipe(prompt=prompt, model=model, steps=v.steps, seed=v.seed, guidance_scale=v.guidance_scale,
+                                        output=out / f"{i:02d}.mp4", device=str(self.device)), progress=False)
+        if v.loss_cache is None:
+            return None
+        from hvctl.train.validation import loss_logs, model_losses
+
+        result = model_losses(model, v.loss_cache, samples=v.loss_samples, sigmas=v.loss_sigmas, seed=v.seed,
+                              device=str(self.device), guidance=self.r.flow.guidance,
+                              accept_foreign_cache=v.accept_foreign_cache)
+        return loss_logs(result)
 
 
 class MetricsLog:
