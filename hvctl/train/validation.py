@@ -22,11 +22,10 @@ def check_sigmas(sigmas, what: str) -> tuple[float, ...]:
     return sigmas
 
 
-def sample_noise(index: int, shape, sigmas, seed: int) -> torch.Tensor:
-    """Sample `index`'s noise at each sigma: its own generator, so the figures do not depend on
-    how samples are batched or how many are measured."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    return torch.randn((len(sigmas), *shape), generator=g)
+def sample_noise(index: int, shape, seed: int) -> torch.Tensor:
+    """Sample `index`'s noise, the same at every sigma: its own generator, so that a figure does
+    not depend on the batching, on how many samples are measured or on the other sigmas."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
 
 
 @torch.no_grad()
@@ -56,13 +55,13 @@ def held_out_losses(model, cache, *, samples: int, sigmas=DEFAULT_SIGMAS, seed: 
             text = torch.stack([it["text_states"][:longest] for it in items]).to(device, dtype)
             text_mask = torch.stack([it["text_mask"][:longest] for it in items]).to(device)
             pooled = torch.stack([it["pooled"] for it in items]).to(device, dtype)
-            noise = torch.stack([sample_noise(i, x0.shape[1:], sigmas, seed) for i in idx], dim=1)
+            noise = torch.stack([sample_noise(i, x0.shape[1:], seed) for i in idx])
             g = torch.full((len(idx),), guidance) if model.config.guidance_embeds else None
             for k, sigma in enumerate(sigmas):
                 s = torch.full((len(idx),), sigma)
-                noisy = add_noise(x0, noise[k], s).to(device, dtype)
+                noisy = add_noise(x0, noise, s).to(device, dtype)
                 velocity = transformer_velocity(model, noisy, s.to(device), text, text_mask, pooled, g).float().cpu()
-                squared = (velocity - velocity_target(x0, noise[k])) ** 2
+                squared = (velocity - velocity_target(x0, noise)) ** 2
                 totals[k] += squared.mean(dim=(1, 2, 3, 4)).sum().double()
                 for j in masked:
                     masked_totals[k] += ((squared[j] * mask[j]).sum() / (mask[j].sum() * squared.shape[1])).double()
