@@ -29,6 +29,21 @@ def test_compose_takes_a_component_and_casts(tiny_model, tiny_guided_model, tmp_
     assert json.loads(gen.stdout)["settings"]["guidance_scale"] == 4.5
 
 
+def test_compose_without_a_dtype_keeps_the_encoders_a_cache_was_made_with(tiny_model, tiny_guided_model, tmp_path):
+    from hvctl.cache import encoder_identities
+    from hvctl.models.compose import compose_model
+
+    out = compose_model(tiny_model, tmp_path / "new-dit", take={"transformer": tiny_guided_model})
+    # the base's VAE and text encoders, byte for byte: a cache the base encoded is this model's too
+    assert encoder_identities(out) == encoder_identities(tiny_model)
+    for name in ("vae/diffusion_pytorch_model.safetensors", "text_encoder_2/config.json", "scheduler/scheduler_config.json"):
+        assert (out / name).read_bytes() == (tiny_model / name).read_bytes(), name
+    dit = "transformer/diffusion_pytorch_model.safetensors"
+    assert (out / dit).read_bytes() == (tiny_guided_model / dit).read_bytes()
+    recast = compose_model(tiny_model, tmp_path / "recast", take={"transformer": tiny_guided_model}, dtype="float16")
+    assert encoder_identities(recast) != encoder_identities(tiny_model)
+
+
 @pytest.mark.slow
 def test_compose_errors_are_one_line(tiny_model, tiny_guided_model, tmp_path):
     result = run_cli("model", "compose", tiny_model, tmp_path / "a", "--take", f"transformer={tiny_guided_model}x")

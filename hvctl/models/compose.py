@@ -57,7 +57,11 @@ def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None,
             raise HvctlError(f"--take {name}={take[name]}: its {name} is {'.'.join(source.component_class(name))}, "
                              f"the base's is {'.'.join(wanted)}")
         index[name] = list(source.component_class(name))
-        if name == "scheduler":
+        if dtype is None and not (name == "transformer" and i2v is not None):
+            # Unchanged: copied byte for byte, so its fingerprint stays, and with it every cache
+            # its VAE and text encoders encoded (hvctl/cache.py: check_cache_encoders).
+            components[name] = source.path / name
+        elif name == "scheduler":
             from diffusers import FlowMatchEulerDiscreteScheduler
 
             components[name] = FlowMatchEulerDiscreteScheduler.from_config(source.component_config(name))

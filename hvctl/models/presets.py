@@ -248,8 +248,8 @@ def make_clip_pool_words(clip, gain: float = 8.0) -> None:
 
 def write_model_folder(out: Path, components: dict, generation: dict, *, meta: bool, dtype=None, extra: dict | None = None,
                        index: dict | None = None, write_more=None):
-    """Write components as a diffusers model folder: into a temporary folder, then renamed.
-    write_more(folder): writes anything else the folder holds (an avatar model's conditioners)."""
+    """Write components (modules, or the Path of a component folder to copy) as a diffusers model
+    folder: into a temporary folder, then renamed. write_more(folder): writes anything else the folder holds (an avatar model's conditioners)."""
     out = check_new_model_folder(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -257,7 +257,9 @@ def write_model_folder(out: Path, components: dict, generation: dict, *, meta: b
         tmp.mkdir(parents=True)
         for name, component in components.items():
             path = tmp / name
-            if name.startswith("tokenizer") or name in ("scheduler", "image_processor"):
+            if isinstance(component, Path):  # a component folder kept as it is
+                shutil.copytree(component, path)
+            elif name.startswith("tokenizer") or name in ("scheduler", "image_processor"):
                 component.save_pretrained(path)
             elif meta:
                 path.mkdir()
