@@ -181,6 +181,23 @@ def test_reinit_starts_from_a_fresh_transformer(tiny_model, toy_cache, tmp_path)
     assert torch.equal(fresh[key], again[key]) and not torch.equal(fresh[key], start[key])
 
 
+def test_the_ema_starts_from_the_trained_weights_and_ramps_its_decay_up():
+    from hvctl.train.trainer import EMA
+
+    module = torch.nn.Linear(2, 2)
+    ema = EMA(module, 0.999)
+    start = module.weight.detach().clone()
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    ema.update(module, 0)  # the first update copies: no trace of the (random) starting weights
+    assert torch.equal(ema.shadow["weight"], module.weight.detach())
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    ema.update(module, 1)  # then the decay ramps up as diffusers' EMAModel's, (1 + t) / (10 + t)
+    assert torch.allclose(ema.shadow["weight"], start + 1 + (1 - 2 / 11))
+    assert ema.decay_at(100) == pytest.approx(101 / 110) and ema.decay_at(100_000) == 0.999
+
+
 def test_schedule_steps_sets_the_decay_length():
     from hvctl.train.trainer import lr_factor
 

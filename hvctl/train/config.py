@@ -191,7 +191,7 @@ class TrainRecipe:
     steps: int = 1000
     seed: int = 0
     precision: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype of the forward pass
-    ema_decay: float = 0.0  # 0: no EMA; else exported weights are the EMA's
+    ema_decay: float = 0.0  # 0: no EMA; else exported weights are the EMA's (its decay ramps up to this: trainer.EMA)
     device: str = "auto"
     # The DiT's attention kernel (as `hvctl generate --attention`), under Ulysses and ring too:
     # auto, sdpa, flash, flash3, native (sage has no backward pass).

@@ -33,17 +33,26 @@ def lr_factor(step: int, r: TrainRecipe) -> float:
 
 
 class EMA:
-    """Exponential moving average of parameters, kept in float32."""
+    """Exponential moving average of parameters, kept in float32.
+
+    The decay ramps up as diffusers' EMAModel ramps it, min(decay, (1 + t) / (10 + t)) at update t
+    (the first update copies the weights): with a constant 0.999, 5% of the starting weights, a
+    random init in a fresh run, would still be in the average after 3,000 steps."""
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
         self.shadow = {k: v.detach().float().clone() for k, v in module.named_parameters() if v.requires_grad}
 
+    def decay_at(self, t: int) -> float:
+        return 0.0 if t == 0 else min(self.decay, (1 + t) / (10 + t))
+
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
+    def update(self, module: torch.nn.Module, t: int) -> None:
+        """Update number t (0: the first), the optimizer steps already taken."""
+        weight = 1 - self.decay_at(t)
         for k, v in module.named_parameters():
             if k in self.shadow:
-                self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
+                self.shadow[k].lerp_(v.detach().float(), weight)
 
     def state_dict(self) -> dict:
         return self.shadow
@@ -214,7 +223,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.step)
         self.step += 1
         return logs
 
