@@ -104,3 +104,6 @@ def test_a_held_out_loss_that_cannot_run_is_refused_before_training(tiny_model, 
                                 ({"loss_cache": str(val_cache), "every": 2, "loss_samples": 0}, r"validation.loss.samples must be >= 1")]:
         with pytest.raises(HvctlError, match=message):
             check_paths(load_recipe(TrainRecipe, None, values={**base, "validation": validation}))
+    with pytest.raises(HvctlError, match="not for a VAE or i2v run"):
+        check_paths(load_recipe(TrainRecipe, None, values={**base, "i2v": "token_replace",
+                                                           "validation": {"loss_cache": str(val_cache), "every": 2}}))

@@ -252,8 +252,8 @@ def check_paths(r: TrainRecipe) -> None:
             raise HvctlError(f"avatar.audio_encoder_options.path: {r.avatar.audio_encoder_options['path']} not found")
     v = r.validation
     if v.loss_cache is not None:
-        if r.target != "dit":
-            raise HvctlError("validation.loss_cache: the held-out loss is the DiT's; a VAE run has none")
+        if r.target != "dit" or r.i2v is not None:
+            raise HvctlError("validation.loss_cache: the held-out loss is a text-to-video DiT's; not for a VAE or i2v run")
         if not v.every:
             raise HvctlError("validation.loss_cache is set but validation.every is 0: set the checkpoints to validate at")
         if not Path(v.loss_cache).is_dir():

@@ -98,5 +98,7 @@ def model_losses(model_dir, cache_dir, *, samples: int, sigmas=DEFAULT_SIGMAS, s
         check_cache_encoders(cache.root, cache.entries[:samples], model_dir, what=what, override=override)
     device, dtype = resolve_device_dtype(device, "auto")
     model = load_components(model_dir, parts=("transformer",), dtype=dtype, device=device).transformer.eval()
+    if model.config.image_condition_type is not None:
+        raise HvctlError(f"{model_dir}: an image-to-video DiT; the held-out loss measures text-to-video ones")
     return {"model": str(model_dir), "cache": str(cache.root),
             **held_out_losses(model, cache, samples=samples, sigmas=sigmas, seed=seed, guidance=guidance)}
