@@ -129,9 +129,12 @@ def test_two_processes_reach_the_single_process_weights(settings, single_process
     report = json.loads(result.stdout)  # printed once, by rank 0
     assert report["processes"] == 2 and report["steps"] == 4
     a, b = final_weights(single_process_run), final_weights(double)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     start = load_file(str(tiny_model / "transformer" / "diffusion_pytorch_model.safetensors"))
-    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4, "training changed the weights"
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    assert moved > 1e-4, "training changed the weights"
+    # Sums in another order (Ulysses' all-to-all, ring attention's blocks) leave ~1e-5 after four
+    # Adam steps; a wrong micro-batch or a missed gradient leaves a step's size, ~1e-3.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 3e-5, moved
     curve = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     single, logged = curve(single_process_run), curve(double)
     assert [m["step"] for m in logged] == [1, 2, 3, 4]  # one writer
