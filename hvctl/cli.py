@@ -618,12 +618,13 @@ def eval_loss(
 ):
     """The held-out denoising loss at fixed noise levels (the training loss, comparable across models)."""
     from hvctl.recipe import SEED_RANGE, check_number
-    from hvctl.train.validation import DEFAULT_SIGMAS, check_sigmas, model_losses
+    from hvctl.train.config import DEFAULT_LOSS_SIGMAS
+    from hvctl.train.validation import check_sigmas, model_losses
 
     check_number("--samples", samples, ">= 1")
     check_number("--seed", seed, SEED_RANGE)
     check_number("--embedded-guidance", embedded_guidance, ">= 0")
-    sigmas = check_sigmas(sigma or DEFAULT_SIGMAS, "--sigma")
+    sigmas = check_sigmas(sigma or DEFAULT_LOSS_SIGMAS, "--sigma")
     result = model_losses(model, cache, samples=samples, sigmas=sigmas, seed=seed, device=device, guidance=embedded_guidance,
                           accept_foreign_cache=accept_foreign_cache, what="CACHE", override="pass --accept-foreign-cache")
     lines = [f"{result['samples']} samples of {result['cache']}, model {result['model']}",

@@ -249,7 +249,8 @@ def make_clip_pool_words(clip, gain: float = 8.0) -> None:
 def write_model_folder(out: Path, components: dict, generation: dict, *, meta: bool, dtype=None, extra: dict | None = None,
                        index: dict | None = None, write_more=None):
     """Write components (modules, or the Path of a component folder to copy) as a diffusers model
-    folder: into a temporary folder, then renamed. write_more(folder): writes anything else the folder holds (an avatar model's conditioners)."""
+    folder: into a temporary folder, then renamed. write_more(folder): writes anything else the
+    folder holds (an avatar model's conditioners)."""
     out = check_new_model_folder(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -146,6 +146,9 @@ class CheckpointConfig:
     keep_last: int = 3
 
 
+DEFAULT_LOSS_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the held-out loss's noise levels unless asked
+
+
 @dataclass
 class ValidationConfig:
     LIMITS: ClassVar[dict] = {"every": ">= 0", "steps": ">= 1", "seed": "[0, 9223372036854775807]", "guidance_scale": ">= 1",
@@ -159,7 +162,7 @@ class ValidationConfig:
     # cache (hvctl encode of clips not trained on), logged as val_loss@SIGMA for each noise level.
     loss_cache: Path | None = None
     loss_samples: int = 64
-    loss_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    loss_sigmas: list[float] = field(default_factory=lambda: list(DEFAULT_LOSS_SIGMAS))
     accept_foreign_cache: bool = False  # as data.accept_foreign_cache, for loss_cache
 
 

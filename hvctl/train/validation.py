@@ -10,8 +10,7 @@ import torch
 
 from hvctl.errors import HvctlError
 from hvctl.flow import add_noise, transformer_velocity, velocity_target
-
-DEFAULT_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+from hvctl.train.config import DEFAULT_LOSS_SIGMAS
 
 
 def check_sigmas(sigmas, what: str) -> tuple[float, ...]:
@@ -29,7 +28,7 @@ def sample_noise(index: int, shape, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_losses(model, cache, *, samples: int, sigmas=DEFAULT_SIGMAS, seed: int = 0, batch_size: int = 8,
+def held_out_losses(model, cache, *, samples: int, sigmas=DEFAULT_LOSS_SIGMAS, seed: int = 0, batch_size: int = 8,
                     guidance: float = 1.0) -> dict:
     """The velocity loss of `model` on the first `samples` entries of `cache` (a LatentCache),
     caption variant 0, the posterior mean as x0, at each sigma."""
@@ -82,15 +81,13 @@ def loss_logs(result: dict) -> dict[str, float]:
     return logs
 
 
-def model_losses(model_dir, cache_dir, *, samples: int, sigmas=DEFAULT_SIGMAS, seed: int = 0, device: str = "auto",
+def model_losses(model_dir, cache_dir, *, samples: int, sigmas=DEFAULT_LOSS_SIGMAS, seed: int = 0, device: str = "auto",
                  guidance: float = 1.0, accept_foreign_cache: bool = False, what: str = "validation.loss_cache",
                  override: str = "set validation.accept_foreign_cache: true") -> dict:
     """held_out_losses of the transformer in `model_dir` on the cache in `cache_dir`."""
     from hvctl.cache import LatentCache, check_cache_encoders
     from hvctl.models.loading import load_components, prepare_model, resolve_device_dtype
 
-    if samples < 1:
-        raise HvctlError(f"validation samples must be at least 1, got {samples}")
     sigmas = check_sigmas(sigmas, "validation sigmas")
     model_dir, defaults = prepare_model(model_dir)
     cache = LatentCache(cache_dir, text_len=defaults["text_len"])
