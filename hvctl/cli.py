@@ -583,6 +583,8 @@ def eval_toy(
                                                "expression, or hybrid (a random subset per video); repeat for several."),
     frames: Optional[int] = typer.Option(None, help="Avatar: frames per video (past the model's window: blended windows)."),
     audio_guidance: float = typer.Option(1.0, "--audio-guidance", help="Avatar: audio guidance scale (1: off)."),
+    start_sigma: float = typer.Option(1.0, "--start-sigma", help="Below 1: denoise each prompt's own true video, noised "
+                                      "to this level, instead of pure noise: where the model loses an attribute."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
     as_json: bool = JSON_OPTION,
 ):
@@ -593,7 +595,7 @@ def eval_toy(
     settings = ToyEvalSettings(model=model, prompts=prompts, seed=seed, steps=tuple(steps or ()),
                                guidance_scale=guidance_scale, embedded_guidance=embedded_guidance,
                                flow_shift=flow_shift, batch_size=batch_size, vae_videos=vae_videos, vae_only=vae_only, manifest=manifest, out=out,
-                               device=device, i2v=i2v, avatar=tuple(avatar or ()), frames=frames,
+                               device=device, i2v=i2v, avatar=tuple(avatar or ()), frames=frames, start_sigma=start_sigma,
                                condition_guidance={"audio": audio_guidance} if audio_guidance != 1.0 else {},
                                rewrite=RewriteRecipe(rewriter=rewrite, model=rewrite_model) if rewrite else None)
     result = evaluate_toy(settings, progress=None if not as_json else False)

@@ -43,6 +43,14 @@ def sampling_sigmas(steps: int, shift: float) -> torch.Tensor:
     return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
 
 
+def sigmas_from(sigmas: torch.Tensor, start: float) -> torch.Tensor:
+    """A schedule that starts at noise level `start` instead of 1: `start`, then the schedule's
+    sigmas below it (SDEdit; the input is then data noised to `start` with add_noise)."""
+    if start >= 1.0:
+        return sigmas
+    return torch.cat([torch.tensor([start], dtype=sigmas.dtype, device=sigmas.device), sigmas[sigmas < start]])
+
+
 def timestep_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
     return sigma * NUM_TRAIN_TIMESTEPS
 

@@ -248,14 +248,19 @@ class TextToVideo:
             latents.append(mean[None])
         return ImageCondition(condition_type(self.parts.transformer), torch.cat(latents).to(self.device))
 
-    def latents(self, seeds: list[int], conditions=None, on_step=None, denoiser=None):
+    def latents(self, seeds: list[int], conditions=None, on_step=None, denoiser=None, x0=None):
         """Final latents (B, C, T', H', W'): video i from seeds[i], conditioned on row i of `conditions`
         (self.conditions(prompts); default: the recipe's prompt for every video). denoiser: what
-        the sampler calls instead of the bare transformer (hvctl.avatar.WindowedDenoiser)."""
+        the sampler calls instead of the bare transformer (hvctl.avatar.WindowedDenoiser). x0:
+        latents that the seeds' noise is added to, at the sampler's start_sigma."""
         import torch
+
+        from hvctl.flow import add_noise
 
         noise = torch.cat([torch.randn((1, *self.latent_shape), generator=torch.Generator("cpu").manual_seed(seed))
                            for seed in seeds])
+        if x0 is not None:
+            noise = add_noise(x0.float().cpu(), noise, self.sampler.start_sigma)
         if conditions is None:
             conditions = self.conditions([self.r.prompt] * len(seeds))
         noise = noise.to(self.device)

@@ -13,7 +13,7 @@ import torch
 
 from hvctl.i2v import ImageCondition
 from hvctl.errors import HvctlError
-from hvctl.flow import euler_step, guided, sampling_sigmas, transformer_velocity
+from hvctl.flow import euler_step, guided, sampling_sigmas, sigmas_from, transformer_velocity
 from hvctl.models.text import TextConditions
 
 
@@ -53,6 +53,7 @@ class FlowMatchEulerSampler:
     guidance_scale: float = 1.0  # true classifier-free guidance; > 1 runs the negative prompt too
     embedded_guidance: float | None = None  # for guidance-distilled models
     cfg_group: object = None  # CFG-parallel: a process group of 2, rank 0 the conditional pass, rank 1 the unconditional
+    start_sigma: float = 1.0  # < 1: `noise` is data noised to this level, denoised by the schedule's steps below it
 
     @torch.no_grad()
     def __call__(self, model, noise: torch.Tensor, conditions: Conditions,
@@ -67,10 +68,10 @@ class FlowMatchEulerSampler:
             text = [conditions.text, conditions.negative_text][dist.get_rank(self.cfg_group)]
         else:
             text = TextConditions.cat([conditions.text, conditions.negative_text]) if use_cfg else conditions.text
-        sigmas = sampling_sigmas(self.steps, self.shift).to(noise.device)
+        sigmas = sigmas_from(sampling_sigmas(self.steps, self.shift), self.start_sigma).to(noise.device)
         latents = noise.float()
         image = conditions.image
-        for i in range(self.steps):
+        for i in range(len(sigmas) - 1):
             model_input = latents if image is None else image.model_input(latents)
             # Conditional and unconditional passes share one batch.
             doubled = use_cfg and not split
@@ -84,7 +85,7 @@ class FlowMatchEulerSampler:
             if image is not None:
                 latents = image.after_step(latents)
             if not torch.isfinite(latents).all():  # else NaN decodes to a black video and exits 0
-                raise HvctlError(f"sampling step {i + 1}/{self.steps}: the latents are not finite (NaN or inf); "
+                raise HvctlError(f"sampling step {i + 1}/{len(sigmas) - 1}: the latents are not finite (NaN or inf); "
                                  f"check the flow shift ({self.shift}), the guidance scale and the model's weights")
             if on_step is not None:
                 on_step(i + 1)
