@@ -222,10 +222,10 @@ def _generate_and_score(s: ToyEvalSettings, samples, base, prompt_forms, result,
         device, dtype = resolve_device_dtype(r.device, r.dtype)
         if t2v is None:
             t2v = TextToVideo(model_dir, r, device, dtype)
+            t2v.sampler.start_sigma = s.start_sigma
             result["model"] = {"path": str(model_dir), "fingerprint": folder_fingerprint(model_dir)}
         else:  # same weights, another schedule
             t2v.sampler = replace(t2v.sampler, steps=r.steps, shift=r.flow_shift)
-        t2v.sampler.start_sigma = s.start_sigma
         for form, texts in prompt_forms:
             started, measurements = time.perf_counter(), []
             if s.out is not None:
