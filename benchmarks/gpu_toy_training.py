@@ -149,11 +149,11 @@ def table(rows: list[dict]) -> str:
         acc = row["accuracy"]
         return " / ".join(f"{100 * acc[g][key]:.1f}" for g in ("seen", "held_out") if g in acc)
 
-    lines = ["| patch | samples | train s | samples/s | strict | colour | shape | object loss @ " + " / ".join(map(str, SIGMAS)) + " |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| patch | samples | train s | samples/s | strict | colour | shape | motion | object loss @ " + " / ".join(map(str, SIGMAS)) + " |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['patch']}x{row['patch']} | {row['samples']:,} | {row['train_s']} | {row['samples_per_s']:,} | "
-                     f"{pct(row, 'strict')} | {pct(row, 'color')} | {pct(row, 'shape')} | "
+                     f"{pct(row, 'strict')} | {pct(row, 'color')} | {pct(row, 'shape')} | {pct(row, 'motion')} | "
                      + " / ".join(f"{v:.3f}" for v in (row["object_loss"] or [])) + " |")
     return "\n".join(lines)
 
