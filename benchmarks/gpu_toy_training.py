@@ -43,11 +43,11 @@ DEFAULT_MODEL = ROOT / "hvctl" / "assets" / "default-model"
 SIGMAS = (0.05, 0.1, 0.3, 0.5, 0.7, 0.9, 0.97)
 
 
-def hvctl(*args, json_out: bool = False, env=None) -> dict | None:
+def hvctl(*args, json_out: bool = False) -> dict | None:
     """Run one hvctl command; its --json result when asked for. A failure stops the script."""
     cmd = [sys.executable, "-m", "hvctl", *map(str, args)] + (["--json"] if json_out else [])
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True)
     print(f"  {time.perf_counter() - t0:6.1f} s  hvctl {' '.join(map(str, args[:2]))}", flush=True)
     if done.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
@@ -78,7 +78,7 @@ def make_data(work: Path, kind: str, count: int, shards: int, device: str) -> di
         if not (folder / "manifest.jsonl").is_file():
             hvctl("toy", "render", folder, *amount, "--seed", seed, "--split", split, "--size", "64x64")
         paths[name] = folder
-        if name != "eval" and not (work / f"{folder.name}-cache" / "index.json").exists():
+        if name != "eval":  # encode skips what an earlier run of this script finished
             encode(folder / "manifest.jsonl", work / f"{folder.name}-cache", shards if name == "train" else 1, device)
         paths[f"{name}-cache"] = work / f"{folder.name}-cache"
     return paths
@@ -117,7 +117,7 @@ def train(work: Path, patch: int, data: dict, a) -> dict:
     write_recipe(recipe, model=model, out=run, data=data, a=a, steps=a.probe_steps, every=a.probe_steps)
     hvctl("train", recipe)
     probe = time.perf_counter() - t0
-    rates = [m["samples_per_s"] for m in read_metrics(run) if "samples_per_s" in m][1:]  # the first holds warm-up
+    rates = [m["samples_per_s"] for m in read_metrics(run) if "samples_per_s" in m]  # each a single step's
     rate = statistics.median(rates) if rates else a.batch / (probe / a.probe_steps)
     budget_s = max(0.0, a.minutes * 60 - probe - 20)  # 20 s: loading and the export
     steps = a.probe_steps + max(0, int(budget_s * rate / a.batch))
