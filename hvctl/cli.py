@@ -682,6 +682,27 @@ def model_compose(
     emit(info, as_json, f"wrote {path} ({info['parameters']:,} parameters)")
 
 
+@model_app.command("reduce-latent")
+def model_reduce_latent(
+    base: Path = typer.Argument(..., help="Model folder whose VAE latent is reduced."),
+    out: Path = typer.Argument(..., help="New model folder to write."),
+    manifest: Path = typer.Option(..., "--manifest", help="Media the latent's principal components are fitted on."),
+    channels: int = typer.Option(..., "--channels", help="Latent channels to keep: the leading whitened components."),
+    samples: int = typer.Option(400, "--samples", help="Media to encode for the fit, spread evenly over the manifest."),
+    as_json: bool = JSON_OPTION,
+):
+    """Write a model folder whose VAE latent is the leading principal components of BASE's, whitened
+    (folded into the VAE's layers; the DiT folded to match, as a starting point for training)."""
+    from hvctl.models.latent_pca import reduce_latent
+
+    path, pca = reduce_latent(base, out, manifest, channels, samples)
+    info = {"path": str(path), "channels": channels, "samples": pca.samples,
+            "explained_variance": [round(pca.explained(k), 6) for k in range(1, len(pca.variances) + 1)],
+            "variances": [round(float(v), 6) for v in pca.variances]}
+    emit(info, as_json, f"wrote {path}: {channels} whitened latent channels, {100 * pca.explained(channels):.2f}% "
+                        f"of the latent's variance (fitted on {pca.samples} media)")
+
+
 @model_app.command("convert")
 def model_convert(
     src: Path = typer.Argument(..., help="Official checkpoint (.pt or .safetensors, or a folder of them); with --to official, a model folder."),

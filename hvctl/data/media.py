@@ -28,12 +28,8 @@ class MediaDataset(torch.utils.data.Dataset):
         for rec in read_manifest(manifest):
             if split is not None and rec.split != split:
                 continue
-            path = rec.media_path(manifest.parent)
-            frames = read_video(path)[0] if rec.kind == "video" else read_image(path)[None]
-            bucket = assign_bucket(frames.shape[2], frames.shape[1], frames.shape[0], buckets)
-            if bucket is None:
-                raise HvctlError(f"{path}: {frames.shape[0]} frames, fewer than the shortest frame bucket")
-            pixels = frames_to_tensor(fit_to_bucket(frames, bucket))[0]
+            frames, bucket = fitted_frames(rec, manifest.parent, buckets)
+            pixels = frames_to_tensor(frames)[0]
             self.items.append({"pixels": pixels, "bucket": bucket, "id": rec.id, "kind": rec.kind})
         if not self.items:
             raise HvctlError(f"{manifest}: no samples" + (f" in split {split}" if split else ""))
@@ -47,3 +43,13 @@ class MediaDataset(torch.utils.data.Dataset):
     @property
     def buckets(self) -> dict[tuple[int, int, int], list[int]]:
         return group_by_bucket([item["bucket"] for item in self.items])
+
+
+def fitted_frames(rec, manifest_dir: Path, buckets: BucketConfig):
+    """A record's (T, H, W, 3) uint8 frames, fitted to its bucket, and the bucket."""
+    path = rec.media_path(manifest_dir)
+    frames = read_video(path)[0] if rec.kind == "video" else read_image(path)[None]
+    bucket = assign_bucket(frames.shape[2], frames.shape[1], frames.shape[0], buckets)
+    if bucket is None:
+        raise HvctlError(f"{path}: {frames.shape[0]} frames, fewer than the shortest frame bucket")
+    return fit_to_bucket(frames, bucket), bucket
