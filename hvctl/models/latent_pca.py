@@ -71,8 +71,8 @@ def fit_latent_pca(vae, manifest: Path, max_samples: int) -> LatentPCA:
     stride = max(1, len(records) // max_samples)
     chosen = records[::stride][:max_samples]
     c = vae.config.latent_channels
-    total, outer, post_var, positions = torch.zeros(c, dtype=torch.float64), torch.zeros(c, c, dtype=torch.float64), \
-        torch.zeros(c, dtype=torch.float64), 0
+    total, post_var = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    outer, positions = torch.zeros(c, c, dtype=torch.float64), 0
     for rec in chosen:
         frames = whole_frames(rec, manifest.parent, vae)
         mean, std = encode_posterior(vae, frames)
