@@ -6,7 +6,9 @@ For each patch size asked for (1x1 and 2x2 by default), on the toy world's 64x64
 default's shape:
 1. render the training set, the 64 held-out samples of the held-out loss and the 96 eval prompts
    (`hvctl toy render`, the seeds of recipes/toy/img-p2.yaml), and encode both caches with
-   `hvctl encode` in --shards processes at once;
+   `hvctl encode` in --shards processes at once; with --latent-channels K, first reduce the
+   default's latent to K whitened components (`hvctl model reduce-latent`, fitted on the training
+   set; docs/toy-models.md, step 2 continued) and encode with that folder;
 2. train (`hvctl train`, recipes/toy/img-p2.yaml with the whole cache on the device, --batch,
    --lr, --precision): a first --probe-steps steps give the step rate, then the same run resumes to
    as many steps as fit in --minutes;
@@ -15,11 +17,13 @@ default's shape:
    noise (`hvctl eval toy`), seen / held-out.
 
 Prints one table; OUT gets results.json and each run's DiT (transformer config and weights), which
-`hvctl model compose` puts beside the default's other components. Every step is the hvctl command
-a user would type; nothing here trains or scores by itself.
+`hvctl model compose` puts beside the default's other components (with --latent-channels, beside
+those of the reduced folder under --work/models). Every step is the hvctl command a user would
+type; nothing here trains or scores by itself.
 
     python benchmarks/gpu_toy_training.py --out $OUT                 # about 8 minutes on an H200
     python benchmarks/gpu_toy_training.py --patches 1 --minutes 5 --out $OUT
+    python benchmarks/gpu_toy_training.py --latent-channels 4 --out $OUT   # the whitened 4-channel latent
     python benchmarks/gpu_toy_training.py --smoke                    # any device: every path, tiny
 
 On the device machine, diffusers, av and importlib_metadata are not installed: carry them as wheels
@@ -54,9 +58,9 @@ def hvctl(*args, json_out: bool = False) -> dict | None:
     return json.loads(done.stdout) if json_out else None
 
 
-def encode(manifest: Path, cache: Path, shards: int, device: str) -> None:
+def encode(manifest: Path, cache: Path, base: Path, shards: int, device: str) -> None:
     """`hvctl encode` in `shards` processes at once (each its own part of the manifest)."""
-    cmd = [sys.executable, "-m", "hvctl", "encode", str(manifest), "--model", str(DEFAULT_MODEL), "--out", str(cache),
+    cmd = [sys.executable, "-m", "hvctl", "encode", str(manifest), "--model", str(base), "--out", str(cache),
            "--recipe", str(ROOT / "recipes" / "encode" / "toy.yaml"), "--device", device]
     t0 = time.perf_counter()
     procs = [subprocess.Popen(cmd + ["--shard", f"{i}/{shards}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -68,7 +72,8 @@ def encode(manifest: Path, cache: Path, shards: int, device: str) -> None:
     print(f"  {time.perf_counter() - t0:6.1f} s  hvctl encode {manifest.parent.name} ({shards} shards)", flush=True)
 
 
-def make_data(work: Path, kind: str, count: int, shards: int, device: str) -> dict[str, Path]:
+def make_data(work: Path, kind: str, count: int, shards: int, device: str, latent_channels: int | None) -> dict[str, Path]:
+    """The rendered sets, their caches, and "base": the folder whose VAE and text encoders encoded them."""
     what = ["--images", count] if kind == "image" else ["--videos", count, "--frames", 17]
     sets = {"train": (what, 41, "train"), "val": ([what[0], 64, *what[2:]], 31, "eval"),
             "eval": ([what[0], 96, *what[2:]], 0, "eval")}
@@ -78,17 +83,31 @@ def make_data(work: Path, kind: str, count: int, shards: int, device: str) -> di
         if not (folder / "manifest.jsonl").is_file():
             hvctl("toy", "render", folder, *amount, "--seed", seed, "--split", split, "--size", "64x64")
         paths[name] = folder
+        if name == "train":
+            paths["base"] = reduced_base(work, folder, latent_channels)
         if name != "eval":  # encode skips what an earlier run of this script finished
-            encode(folder / "manifest.jsonl", work / f"{folder.name}-cache", shards if name == "train" else 1, device)
-        paths[f"{name}-cache"] = work / f"{folder.name}-cache"
+            encode(folder / "manifest.jsonl", work / f"{folder.name}-{paths['base'].name}-cache", paths["base"],
+                   shards if name == "train" else 1, device)
+        paths[f"{name}-cache"] = work / f"{folder.name}-{paths['base'].name}-cache"
     return paths
 
 
-def fresh_dit_folder(work: Path, patch: int) -> Path:
-    """The default's folder with a DiT config of this patch size and no DiT weights (reinit draws them)."""
-    folder = work / f"models/dit-p{patch}"
+def reduced_base(work: Path, train_set: Path, channels: int | None) -> Path:
+    """The default, or (channels) the default with its latent reduced to that many whitened components."""
+    if channels is None:
+        return DEFAULT_MODEL
+    folder = work / f"models/default-l{channels}"
     if not folder.exists():
-        shutil.copytree(DEFAULT_MODEL, folder)
+        hvctl("model", "reduce-latent", DEFAULT_MODEL, folder, "--manifest", train_set / "manifest.jsonl",
+              "--channels", channels)
+    return folder
+
+
+def fresh_dit_folder(work: Path, base: Path, patch: int) -> Path:
+    """The base's folder with a DiT config of this patch size and no DiT weights (reinit draws them)."""
+    folder = work / f"models/{base.name}-dit-p{patch}"
+    if not folder.exists():
+        shutil.copytree(base, folder)
         config_path = folder / "transformer" / "config.json"
         config = json.loads(config_path.read_text())
         config["patch_size"] = patch
@@ -110,9 +129,9 @@ def write_recipe(path: Path, *, model: Path, out: Path, data: dict, a, steps: in
 
 
 def train(work: Path, patch: int, data: dict, a) -> dict:
-    run = work / f"runs/{a.kind}-p{patch}"
-    recipe = work / f"{a.kind}-p{patch}.yaml"
-    model = fresh_dit_folder(work, patch)
+    run = work / f"runs/{data['base'].name}-{a.kind}-p{patch}"
+    recipe = work / f"{data['base'].name}-{a.kind}-p{patch}.yaml"
+    model = fresh_dit_folder(work, data["base"], patch)
     t0 = time.perf_counter()
     write_recipe(recipe, model=model, out=run, data=data, a=a, steps=a.probe_steps, every=a.probe_steps)
     hvctl("train", recipe)
@@ -124,7 +143,7 @@ def train(work: Path, patch: int, data: dict, a) -> dict:
     write_recipe(recipe, model=model, out=run, data=data, a=a, steps=steps, every=steps)
     hvctl("train", recipe)
     rates = [m["samples_per_s"] for m in read_metrics(run) if "samples_per_s" in m]
-    return {"patch": patch, "steps": steps, "samples": steps * a.batch, "train_s": round(time.perf_counter() - t0, 1),
+    return {"base": data["base"].name, "patch": patch, "steps": steps, "samples": steps * a.batch, "train_s": round(time.perf_counter() - t0, 1),
             "samples_per_s": round(statistics.median(rates), 1), "model": str(run / "model")}
 
 
@@ -149,10 +168,10 @@ def table(rows: list[dict]) -> str:
         acc = row["accuracy"]
         return " / ".join(f"{100 * acc[g][key]:.1f}" for g in ("seen", "held_out") if g in acc)
 
-    lines = ["| patch | samples | train s | samples/s | strict | colour | shape | motion | object loss @ " + " / ".join(map(str, SIGMAS)) + " |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| base | patch | samples | train s | samples/s | strict | colour | shape | motion | object loss @ " + " / ".join(map(str, SIGMAS)) + " |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['patch']}x{row['patch']} | {row['samples']:,} | {row['train_s']} | {row['samples_per_s']:,} | "
+        lines.append(f"| {row['base']} | {row['patch']}x{row['patch']} | {row['samples']:,} | {row['train_s']} | {row['samples_per_s']:,} | "
                      f"{pct(row, 'strict')} | {pct(row, 'color')} | {pct(row, 'shape')} | {pct(row, 'motion')} | "
                      + " / ".join(f"{v:.3f}" for v in (row["object_loss"] or [])) + " |")
     return "\n".join(lines)
@@ -174,6 +193,8 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=8, help="hvctl encode processes at once.")
     p.add_argument("--eval-batch", type=int, default=48)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--latent-channels", type=int, default=None,
+                   help="Reduce the default's latent to this many whitened components first (hvctl model reduce-latent).")
     p.add_argument("--smoke", action="store_true", help="Tiny counts on any device, to check the script.")
     a = p.parse_args()
     if a.smoke:
@@ -183,7 +204,7 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="hvctl-gpu-toy-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work: {work}  device: {a.device}  batch {a.batch}  lr {a.lr}  {a.precision}", flush=True)
-    data = make_data(work, a.kind, a.count, a.shards, a.device)
+    data = make_data(work, a.kind, a.count, a.shards, a.device, a.latent_channels)
     rows = []
     for patch in [int(x) for x in a.patches.split(",")]:
         row = measure(train(work, patch, data, a), data, a)
@@ -193,9 +214,10 @@ def main() -> None:
             a.out.mkdir(parents=True, exist_ok=True)
             (a.out / "results.json").write_text(json.dumps(rows, indent=2))
             dit = Path(row["model"]) / "transformer"
-            shutil.copy(dit / "config.json", a.out / f"{a.kind}-p{patch}-config.json")
+            name = f"{data['base'].name}-{a.kind}-p{patch}"
+            shutil.copy(dit / "config.json", a.out / f"{name}-config.json")
             for weights in dit.glob("*.safetensors"):
-                shutil.copy(weights, a.out / f"{a.kind}-p{patch}-{weights.name}")
+                shutil.copy(weights, a.out / f"{name}-{weights.name}")
     print(f"\n{table(rows)}")
 
 
