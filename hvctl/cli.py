@@ -646,6 +646,7 @@ def model_init(
     seed: int = typer.Option(0, help="Seed of the random initialisation."),
     dtype: str = typer.Option("float32", help="Weight dtype: float32, bfloat16 or float16."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="COMPONENT.KEY=VALUE", help="Change a preset config key, e.g. vae.latent_channels=8 (repeatable)."),
+    dit_init: str = typer.Option("diffusers", "--dit-init", help="How the DiT is initialised: diffusers (as diffusers builds it) or adaln-zero (every block the identity, the prediction zero: the DiT paper's, to train from)."),
     as_json: bool = JSON_OPTION,
 ):
     """Write a new randomly initialised model folder in diffusers format."""
@@ -657,8 +658,10 @@ def model_init(
     check_number("--seed", seed, SEED_RANGE)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise HvctlError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    if dit_init not in ("diffusers", "adaln-zero"):
+        raise HvctlError(f"--dit-init {dit_init}: choose diffusers or adaln-zero")
     path = init_model(preset, out, meta=meta, guidance_embeds=guidance_embeds, seed=seed, dtype=dtype,
-                      overrides=parse_overrides(overrides or []))
+                      overrides=parse_overrides(overrides or []), dit_init=dit_init)
     info = describe(path)
     emit(info, as_json, f"wrote {path} ({preset}, {info['parameters']:,} parameters{', configs only' if meta else ''})")
 

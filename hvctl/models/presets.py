@@ -180,8 +180,10 @@ def with_overrides(preset: Preset, overrides: dict | None) -> Preset:
     return dataclasses.replace(preset, **changed)
 
 
-def build_components(preset: Preset, *, meta: bool = False, guidance_embeds: bool | None = None, seed: int = 0):
-    """Instantiate every component of a preset: randomly initialised, or on the meta device."""
+def build_components(preset: Preset, *, meta: bool = False, guidance_embeds: bool | None = None, seed: int = 0,
+                     dit_init: str = "diffusers"):
+    """Instantiate every component of a preset: randomly initialised (the DiT by `dit_init`,
+    hvctl/models/dit_init.py), or on the meta device."""
     import torch
     from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
@@ -214,6 +216,10 @@ def build_components(preset: Preset, *, meta: bool = False, guidance_embeds: boo
             components["text_encoder_2"].embeddings.token_embedding.weight.normal_(0.0, preset.text_embedding_std)
     if preset.clip_pools_words and not meta:
         make_clip_pool_words(components["text_encoder_2"])
+    if not meta:  # after the others, so that every other component is the same whatever the DiT's init
+        from hvctl.models.dit_init import init_dit
+
+        init_dit(components["transformer"], dit_init)
     components["scheduler"] = FlowMatchEulerDiscreteScheduler(**preset.scheduler)
     components["tokenizer"], components["tokenizer_2"] = tokenizer, tokenizer_2
     return components
@@ -291,9 +297,10 @@ def check_new_model_folder(out: Path) -> Path:
 
 
 def init_model(preset_name: str, out: Path, *, meta: bool = False, guidance_embeds: bool | None = None,
-               seed: int = 0, dtype: str = "float32", overrides: dict | None = None) -> Path:
+               seed: int = 0, dtype: str = "float32", overrides: dict | None = None, dit_init: str = "diffusers") -> Path:
     """`hvctl model init`: a new randomly initialised model folder (or configs only, with meta).
-    overrides: {component: {config key: value}} on top of the preset (`with_overrides`)."""
+    overrides: {component: {config key: value}} on top of the preset (`with_overrides`); dit_init:
+    how the DiT is initialised (hvctl/models/dit_init.py)."""
     import torch
 
     from hvctl.models.loading import quiet_libraries
@@ -301,7 +308,7 @@ def init_model(preset_name: str, out: Path, *, meta: bool = False, guidance_embe
     quiet_libraries()
     preset = with_overrides(get_preset(preset_name), overrides)
     check_new_model_folder(out)
-    components = build_components(preset, meta=meta, guidance_embeds=guidance_embeds, seed=seed)
+    components = build_components(preset, meta=meta, guidance_embeds=guidance_embeds, seed=seed, dit_init=dit_init)
     generation = dict(preset.generation)
     if components["transformer"].config.guidance_embeds and generation["embedded_guidance"] is None:
         generation["embedded_guidance"] = 6.0
@@ -309,5 +316,6 @@ def init_model(preset_name: str, out: Path, *, meta: bool = False, guidance_embe
         generation["embedded_guidance"] = None
     return write_model_folder(
         out, components, generation, meta=meta, dtype=getattr(torch, dtype),
-        extra={"preset": preset.name, "seed": seed, **({"overrides": overrides} if overrides else {})},
+        extra={"preset": preset.name, "seed": seed, **({"overrides": overrides} if overrides else {}),
+               **({"dit_init": dit_init} if dit_init != "diffusers" else {})},
     )

@@ -190,6 +190,9 @@ class TrainRecipe:
     # would break a pretrained DiT's match with a finetuned official VAE.
     calibrate_scaling_factor: bool = False
     reinit: bool = False  # train the target from a fresh init of its config in `model` (keeping the other components)
+    # How a fresh DiT (reinit or init_preset) is initialised: as diffusers builds it, or
+    # adaln-zero (every block the identity, the prediction zero; hvctl/models/dit_init.py).
+    dit_init: Literal["diffusers", "adaln-zero"] = "diffusers"
     out: Path | None = None  # the run folder: checkpoints, metrics, validation
     steps: int = 1000
     seed: int = 0
@@ -237,6 +240,8 @@ def check_paths(r: TrainRecipe) -> None:
         get_preset(r.init_preset)
     else:
         raise HvctlError("train needs a starting model: 'model' (a model folder) or 'init_preset' (e.g. tiny)")
+    if r.dit_init != "diffusers" and (r.target != "dit" or (not r.reinit and r.init_preset is None)):
+        raise HvctlError(f"dit_init: {r.dit_init} initialises a fresh DiT: set reinit: true (or init_preset) with target: dit")
     d = r.data
     if d.cache is not None and r.target == "dit" and not Path(d.cache).is_dir():
         raise HvctlError(f"data.cache: {d.cache} not found (make it with `hvctl encode`)")

@@ -114,7 +114,12 @@ class TrainSpec:
         from hvctl.models.loading import component_from_config, load_component
 
         if t.r.reinit:  # e.g. stage 0: a new DiT beside pretrained VAE and text encoders
-            return component_from_config(folder, self.component).to(t.device)
+            module = component_from_config(folder, self.component)
+            if self.component == "transformer":
+                from hvctl.models.dit_init import init_dit
+
+                init_dit(module, t.r.dit_init)
+            return module.to(t.device)
         return load_component(folder, self.component, dtype=torch.float32, device=t.device)
 
     def extend(self, t: Trainer, model, folder) -> torch.nn.Module:

@@ -134,7 +134,7 @@ class Trainer:
         base = self.run / "base-model"
         if self.ranks.is_main and not (base / "model_index.json").is_file():
             init_model(self.r.init_preset, base, guidance_embeds=self.r.init_guidance_embeds, seed=self.r.seed,
-                       overrides=self.r.init_overrides)
+                       overrides=self.r.init_overrides, dit_init=self.r.dit_init)
         barrier(self.ranks)
         return base
 
