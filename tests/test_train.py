@@ -184,6 +184,14 @@ def test_reinit_starts_from_a_fresh_transformer(tiny_model, toy_cache, tmp_path)
     assert torch.equal(fresh[key], again[key]) and not torch.equal(fresh[key], start[key])
 
 
+def test_reinit_can_start_the_transformer_as_adaln_zero(tiny_model, toy_cache, tmp_path):
+    recipe = write_recipe(tmp_path / "z.yaml", tiny_model, toy_cache, tmp_path / "run")
+    fresh = Trainer(load_recipe(TrainRecipe, recipe, ["reinit=true", "dit_init=adaln-zero"]), progress=False).model
+    for name in ["proj_out.weight", "transformer_blocks.0.norm1.linear.weight", "single_transformer_blocks.0.norm.linear.weight"]:
+        assert torch.count_nonzero(fresh.get_parameter(name)) == 0, name
+    assert torch.count_nonzero(fresh.get_parameter("transformer_blocks.0.attn.to_q.weight")) > 0
+
+
 def test_the_ema_starts_from_the_trained_weights_and_ramps_its_decay_up():
     from hvctl.train.trainer import EMA
 

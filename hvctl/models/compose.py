@@ -42,7 +42,7 @@ def compose_model(base: Path, out: Path, *, take: dict[str, Path] | None = None,
     quiet_libraries()
     folder = ModelFolder.open(base)
     take = dict(take or {})
-    names = [n for n, entry in folder.index.items() if not n.startswith("_") and isinstance(entry, list) and entry[0]]
+    names = folder.component_names
     index = dict(folder.index)
     if "text_encoder" in take and not folder.reads_images and _reads_images(take["text_encoder"]):
         names, index = _with_llava(folder, take, index, names, i2v)

@@ -188,8 +188,7 @@ def reduce_latent(base: Path, out: Path, manifest: Path, channels: int, samples:
         raise HvctlError(f"--channels {channels}: {base}'s VAE has {latent} latent channels; choose 1 to {latent}")
     vae = load_component(folder, "vae", dtype=torch.float32)
     pca = fit_latent_pca(vae, manifest, samples)
-    components = {name: folder.path / name for name, entry in folder.index.items()
-                  if not name.startswith("_") and isinstance(entry, list) and entry[0]}
+    components = {name: folder.path / name for name in folder.component_names}
     components["vae"] = fold_into_vae(vae, pca, channels)
     components["transformer"] = fold_into_transformer(load_component(folder, "transformer", dtype=torch.float32),
                                                       pca, channels)

@@ -64,6 +64,11 @@ class ModelFolder:
         info_file = path / "hvctl.json"
         return cls(path, index, _read_json(info_file) if info_file.is_file() else {})
 
+    @property
+    def component_names(self) -> list[str]:
+        """The components model_index.json names (not its _class_name and the like, nor empty slots)."""
+        return [n for n, entry in self.index.items() if not n.startswith("_") and isinstance(entry, list) and entry[0]]
+
     def component_class(self, name: str) -> tuple[str, str]:
         entry = self.index.get(name)
         if not entry or entry[0] is None:
