@@ -74,3 +74,17 @@ def test_a_recipe_inits_a_fresh_dit_only(tiny_model, tmp_path):
     with pytest.raises(HvctlError, match="dit_init: adaln-zero initialises a fresh DiT"):
         check_paths(load_recipe(TrainRecipe, recipe, []))
     check_paths(load_recipe(TrainRecipe, recipe, ["reinit=true"]))
+
+
+def test_model_init_writes_an_adaln_zero_dit_and_refuses_an_unknown_scheme(tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+
+    result = run_cli("model", "init", tmp_path / "m", "--preset", "tiny", "--dit-init", "adaln-zero")
+    assert result.returncode == 0, result.stderr
+    weights = load_file(str(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert torch.count_nonzero(weights["proj_out.weight"]) == 0 and torch.count_nonzero(weights["x_embedder.proj.weight"]) > 0
+    result = run_cli("model", "init", tmp_path / "n", "--preset", "tiny", "--dit-init", "zero")
+    assert result.returncode != 0 and "--dit-init zero" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "n").exists()
