@@ -650,6 +650,7 @@ def model_init(
     as_json: bool = JSON_OPTION,
 ):
     """Write a new randomly initialised model folder in diffusers format."""
+    from hvctl.models.dit_init import DIT_INITS
     from hvctl.models.info import describe
     from hvctl.models.presets import get_preset, init_model
     from hvctl.recipe import SEED_RANGE, check_number, parse_overrides
@@ -658,8 +659,8 @@ def model_init(
     check_number("--seed", seed, SEED_RANGE)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise HvctlError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
-    if dit_init not in ("diffusers", "adaln-zero"):
-        raise HvctlError(f"--dit-init {dit_init}: choose diffusers or adaln-zero")
+    if dit_init not in DIT_INITS:
+        raise HvctlError(f"--dit-init {dit_init}: choose {' or '.join(DIT_INITS)}")
     path = init_model(preset, out, meta=meta, guidance_embeds=guidance_embeds, seed=seed, dtype=dtype,
                       overrides=parse_overrides(overrides or []), dit_init=dit_init)
     info = describe(path)

@@ -38,6 +38,10 @@ def test_adaln_zero_starts_every_block_as_the_identity_and_predicts_zero():
     model.transformer_blocks[0].register_forward_hook(record)
     model(**dit_inputs())
     assert torch.equal(*seen[0])
+    weights = dict(model.named_parameters())
+    assert abs(weights["time_text_embed.timestep_embedder.linear_1.weight"].std() - 0.02) < 0.004
+    proj_in = weights["context_embedder.proj_in.weight"]  # Xavier, though its name holds "text_embedder"
+    assert abs(proj_in.std() - (2 / sum(proj_in.shape)) ** 0.5) < 0.01
     # diffusers' own init is left as it is, and predicts something at once
     assert torch.count_nonzero(tiny_dit("diffusers")(**dit_inputs())[0]) > 0
 

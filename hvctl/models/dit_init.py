@@ -46,6 +46,7 @@ def init_dit(model, scheme: str) -> None:
                 if module.bias is not None:
                     torch.nn.init.zeros_(module.bias)
         for name, module in model.named_modules():
+            # dotted, so that "context_embedder" (the token refiner) is not read as "text_embedder"
             if ".timestep_embedder." in f".{name}." or ".text_embedder." in f".{name}.":
                 if isinstance(module, torch.nn.Linear):
                     torch.nn.init.normal_(module.weight, std=0.02)
