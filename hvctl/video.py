@@ -47,11 +47,27 @@ def write_video(path, frames, fps, crf=12, audio=None):
             frame = _checked_rgb(path, frame, f"frame {i}")
             if frame.shape != shape:
                 raise HvctlError(f"{path}: frame {i} has shape {frame.shape}, frame 0 had {shape}")
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode(_yuv_frame(frame)))
         container.mux(stream.encode())
         if audio is not None:
             _encode_audio(container, audio_stream, samples)
     return path
+
+
+def _yuv_frame(rgb):
+    """An [H,W,3] uint8 frame as the encoder's yuv420p, with each plane's row padding zeroed.
+
+    The conversion leaves the bytes between a plane's width and its line size as they were in
+    memory, and x264 reads them (a 48-pixel-wide clip's chroma rows of 24 in lines of 32 gave
+    different files from the same frames, depending on what the process had done before).
+    """
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    for plane in frame.planes:
+        if plane.line_size > plane.width:
+            rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size).copy()
+            rows[:, plane.width:] = 0
+            plane.update(rows.tobytes())
+    return frame
 
 
 def _add_video_stream(container, path, shape, fps, crf):
