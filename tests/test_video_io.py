@@ -177,3 +177,18 @@ def test_text_and_json_writers_are_atomic(tmp_path):
             1 / 0
     assert path.read_text() == "old"
     assert leftovers(path.parent) == []
+
+
+def test_the_frames_given_to_the_encoder_have_no_uninitialised_padding():
+    # 48 pixels wide: chroma rows of 24 in lines of 32, whose last 8 bytes x264 reads
+    from hvctl.video import _yuv_frame
+
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    frame = _yuv_frame(rgb)
+    padded = [p for p in frame.planes if p.line_size > p.width]
+    assert padded, "no plane with row padding: the test no longer covers the case"
+    for plane in padded:
+        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+        assert not rows[:, plane.width:].any()
+    assert np.array_equal(frame.to_ndarray(format="rgb24"),
+                          av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p").to_ndarray(format="rgb24"))
