@@ -637,6 +637,33 @@ def eval_loss(
     emit(result, as_json, "\n".join(lines))
 
 
+@eval_app.command("words")
+def eval_words(
+    cache: Path = typer.Argument(..., help="A latent cache (hvctl encode) of rendered toy clips, with their loss masks."),
+    manifest: Path = typer.Option(..., "--manifest", help="The toy manifest those clips were encoded from (its toy truth)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder. Default: the embedded model."),
+    samples: int = typer.Option(24, help="The manifest's first N clips that are in the cache."),
+    sigma: Optional[list[float]] = typer.Option(None, "--sigma", help="Noise levels in (0, 1] (repeat). Default: 0.9 0.6 0.3."),
+    seed: int = typer.Option(0, help="Seed of the noise (sample i has its own)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
+    as_json: bool = JSON_OPTION,
+):
+    """How much each prompt word steers the prediction: the object's error with one word changed over
+    the error with the clip's own prompt (1.0: the word is ignored)."""
+    from hvctl.recipe import SEED_RANGE, check_number
+    from hvctl.toy.word_probe import DEFAULT_PROBE_SIGMAS, probe_model
+
+    check_number("--samples", samples, ">= 1")
+    check_number("--seed", seed, SEED_RANGE)
+    result = probe_model(model, cache, manifest, samples=samples, sigmas=sigma or DEFAULT_PROBE_SIGMAS, seed=seed,
+                         device=device)
+    lines = [f"{result['samples']} clips of {result['cache']}, model {result['model']}",
+             "word        " + "  ".join(f"sigma {s:<5g}" for s in result["sigmas"])]
+    for attribute, ratios in result["ratio"].items():
+        lines.append(f"{attribute:<11} " + "  ".join(f"{r:<11.3f}" for r in ratios))
+    emit(result, as_json, "\n".join(lines))
+
+
 @model_app.command("init")
 def model_init(
     out: Path = typer.Argument(..., help="New model folder to write."),

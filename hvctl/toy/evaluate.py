@@ -91,17 +91,21 @@ def manifest_samples(path: Path, n: int) -> list:
     """The first n toy samples of a rendered manifest (its records' `toy` truth): how a model is
     scored on the very clips it trained on (the sanity bound of docs/toy-models.md)."""
     from hvctl.data.manifest import read_manifest
-    from hvctl.toy.world import ToySample
 
-    samples = []
-    for record in read_manifest(path)[:n]:
-        truth = record.extra.get("toy")
-        if not isinstance(truth, dict):
-            raise HvctlError(f"{path}: record {record.id} has no toy truth (render it with hvctl toy render)")
-        samples.append(ToySample(**{**truth, "start": tuple(truth["start"])}))
+    samples = [toy_sample(record, path) for record in read_manifest(path)[:n]]
     if not samples:
         raise HvctlError(f"{path}: no samples")
     return samples
+
+
+def toy_sample(record, path: Path):
+    """The toy truth a rendered manifest's record carries (hvctl toy render writes it)."""
+    from hvctl.toy.world import ToySample
+
+    truth = record.extra.get("toy")
+    if not isinstance(truth, dict):
+        raise HvctlError(f"{path}: record {record.id} has no toy truth (render it with hvctl toy render)")
+    return ToySample(**{**truth, "start": tuple(truth["start"])})
 
 
 def group_of(sample) -> str:
