@@ -50,7 +50,7 @@ def word_ratios(model, prompt_encoders, cache, chosen, *, sigmas=DEFAULT_PROBE_S
     """Per attribute and sigma: the median over samples of (object error with one word changed,
     averaged over the word's other values) / (object error with the sample's own prompt)."""
     from hvctl.flow import add_noise, transformer_velocity, velocity_target
-    from hvctl.train.validation import sample_noise
+    from hvctl.train.validation import object_error, sample_noise
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -73,7 +73,7 @@ def word_ratios(model, prompt_encoders, cache, chosen, *, sigmas=DEFAULT_PROBE_S
             noisy = add_noise(x0, noise, s).to(device, dtype).expand(len(prompts), *x0.shape[1:])
             velocity = transformer_velocity(model, noisy, s.to(device), states, text_mask, pooled, g).float().cpu()
             squared = (velocity - velocity_target(x0, noise)) ** 2  # [P, C, T, H, W]
-            errors = (squared * mask).sum(dim=(1, 2, 3, 4)) / (mask.sum() * squared.shape[1])
+            errors = torch.stack([object_error(one, mask) for one in squared])
             own_errors[k].append(float(errors[0]))
             first = 1
             for attribute, group in changed.items():

@@ -27,6 +27,11 @@ def sample_noise(index: int, shape, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
 
 
+def object_error(squared: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of one sample's squared error [C, T, H, W] inside its loss mask [1, T, H, W]."""
+    return (squared * mask).sum() / (mask.sum() * squared.shape[0])
+
+
 @torch.no_grad()
 def held_out_losses(model, cache, *, samples: int, sigmas=DEFAULT_LOSS_SIGMAS, seed: int = 0, batch_size: int = 8,
                     guidance: float = 1.0) -> dict:
@@ -63,7 +68,7 @@ def held_out_losses(model, cache, *, samples: int, sigmas=DEFAULT_LOSS_SIGMAS, s
                 squared = (velocity - velocity_target(x0, noise)) ** 2
                 totals[k] += squared.mean(dim=(1, 2, 3, 4)).sum().double()
                 for j in masked:
-                    masked_totals[k] += ((squared[j] * mask[j]).sum() / (mask[j].sum() * squared.shape[1])).double()
+                    masked_totals[k] += object_error(squared[j], mask[j]).double()
             masked_count += len(masked)
     n = len(indices)
     if n == 0:
